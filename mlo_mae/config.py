@@ -1,0 +1,339 @@
+"""One typed configuration for a whole MLO-MAE run.
+
+Resolution order, later wins: dataclass defaults < preset < YAML file < command
+line. The resolved config is plain data (``to_dict``) so that it can be printed,
+saved next to checkpoints and loaded again unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of E (encoder), D (decoder), C (head) and T (masking network)."""
+
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 192
+    depth: int = 4
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    mask_hidden_dim: int = 512
+    drop_path: float = 0.0
+    head_drop: float = 0.0
+
+
+@dataclass
+class MLOConfig:
+    """The three-level method: masking, hypergradient and per-level unroll counts."""
+
+    baseline: bool = False  # uniformly random masking and no Stage III: plain MAE
+    mask_ratio: float = 0.75
+    hypergradient: str = "fd"  # fd: one central finite difference; exact: double backward
+    fd_alpha: float = 0.01  # eps = fd_alpha / ||w||
+    unroll_mae: int = 2  # Stage-I (E, D) steps per iteration
+    unroll_head: int = 1  # Stage-II (C) steps per iteration
+    unroll_mask: int = 1  # Stage-III (T) steps per iteration
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for every level; warmup + cosine that ends at the real end of training."""
+
+    lr_mae: float = 1e-4
+    lr_head: float = 1e-3
+    lr_mask: float = 1e-3
+    weight_decay_mae: float = 0.05
+    weight_decay_head: float = 0.0
+    weight_decay_mask: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_fraction: float = 0.05
+    final_lr_fraction: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    batch_mae: int = 32  # Stage I batch (D_tr)
+    batch_head: int = 32  # Stage II batch (D_tr)
+    batch_mask: int = 32  # Stage III batch (D_val)
+    split_seed: int = 0  # the fixed D_tr / D_val / test split
+
+
+@dataclass
+class RunConfig:
+    max_steps: int | None = None  # iterations; None: derived from epochs
+    epochs: float = 10.0  # passes of Stage I over D_tr
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    log_every: int = 10
+    checkpoint_every: int = 0  # iterations; 0: only at the end
+    output: str | None = None  # checkpoint folder; None: no checkpoints
+    probe: bool = True  # linear probe on the test split at the end
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mlo: MLOConfig = field(default_factory=MLOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Presets are recipes: they may set any section, not only the architecture.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The CPU preset (and the benchmark's comparison model): 64 patches of 4x4.
+    "tiny": {
+        "model": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3,
+                      decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+        "optim": dict(lr_mae=1e-3, lr_head=1e-3, lr_mask=1e-3, weight_decay_mae=0.05),
+    },
+    "small": {
+        "model": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
+                      decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+        "optim": dict(lr_mae=5e-4, weight_decay_mae=0.05),
+    },
+    # The paper's CIFAR model: ViT-B at patch 2 (256 patches), decoder 512 x 8.
+    "base-cifar": {
+        "model": dict(img_size=32, patch_size=2, embed_dim=768, depth=12, num_heads=12,
+                      decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+        "optim": dict(lr_mae=1e-4, lr_head=1e-3, lr_mask=1e-3, weight_decay_mae=0.001),
+        "data": dict(batch_mae=128, batch_head=128, batch_mask=128),
+        "run": dict(epochs=200.0),
+    },
+    # The paper's ImageNet model: ViT-B/16 at 224 (196 patches).
+    "base-imagenet": {
+        "model": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                      decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+        "optim": dict(lr_mae=1e-4, lr_head=4e-5, lr_mask=4e-5, weight_decay_mae=0.05),
+        "data": dict(batch_mae=256, batch_head=256, batch_mask=256),
+        "run": dict(epochs=50.0),
+    },
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mlo.hypergradient": ("fd", "exact"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.precision": ("fp32", "bf16"),
+}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(Config) if f.name != "preset"}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def all_keys() -> list[str]:
+    """Every settable dotted key, for error messages and --help."""
+    keys = ["preset"]
+    hints = typing.get_type_hints(Config)
+    for name in _sections():
+        keys += [f"{name}.{k}" for k in _field_types(hints[name])]
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
+    """Check ``value`` against the annotated type; YAML already parsed scalars."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0], where)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}'{key}' expects a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(key, v, a, where) for v, a in zip(value, args))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}'{key}' expects true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}'{key}' expects an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}'{key}' expects a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}'{key}' expects a string, got {value!r}")
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _apply(cfg: Config, updates: Mapping[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(Config)
+    for section, values in updates.items():
+        if section == "preset":
+            continue
+        if section not in _sections():
+            raise _unknown_key(section, where)
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}section '{section}' must be a mapping of keys to values")
+        target = getattr(cfg, section)
+        types_ = _field_types(hints[section])
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in types_:
+                raise _unknown_key(dotted, where)
+            setattr(target, key, _coerce(dotted, value, types_[key], where))
+
+
+def _preset(name: str, where: str = "") -> dict[str, dict[str, Any]]:
+    if name not in PRESETS:
+        raise ConfigError(f"{where}unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` from the command line; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(flat: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key == "preset":
+            nested["preset"] = value  # type: ignore[assignment]
+            continue
+        if "." not in key:
+            raise _unknown_key(key, where)
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def resolve(
+    file: str | Path | None = None,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults < preset < ``file`` < ``overrides`` (dotted keys)."""
+    file_data = load_yaml(file) if file is not None else {}
+    file_where = f"{file}: " if file is not None else ""
+    flat_overrides = dict(overrides or {})
+    cli_nested = _nest(flat_overrides, "command line: ")
+
+    name = preset or cli_nested.get("preset") or file_data.get("preset") or Config.preset
+    if not isinstance(name, str):
+        raise ConfigError(f"{file_where}'preset' expects a name, got {name!r}")
+    cfg = Config(preset=name)
+    _apply(cfg, _preset(name, "" if preset else file_where), where="")
+    _apply(cfg, file_data, where=file_where)
+    _apply(cfg, cli_nested, where="command line: ")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}, got '{value}'")
+    m, o, d, r = cfg.model, cfg.optim, cfg.data, cfg.run
+    if not 0.0 < cfg.mlo.mask_ratio < 1.0:
+        raise ConfigError(f"'mlo.mask_ratio' must be between 0 and 1 (exclusive), got {cfg.mlo.mask_ratio}")
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"'model.img_size' ({m.img_size}) must be a multiple of 'model.patch_size' ({m.patch_size})")
+    if m.embed_dim % m.num_heads or m.decoder_embed_dim % m.decoder_num_heads:
+        raise ConfigError("'model.embed_dim' and 'model.decoder_embed_dim' must divide by their number of heads")
+    positive = {
+        "model.depth": m.depth, "model.decoder_depth": m.decoder_depth,
+        "mlo.unroll_mae": cfg.mlo.unroll_mae, "mlo.unroll_head": cfg.mlo.unroll_head,
+        "mlo.unroll_mask": cfg.mlo.unroll_mask, "data.batch_mae": d.batch_mae,
+        "data.batch_head": d.batch_head, "data.batch_mask": d.batch_mask,
+        "run.log_every": r.log_every, "optim.lr_mae": o.lr_mae, "optim.lr_head": o.lr_head,
+        "optim.lr_mask": o.lr_mask, "mlo.fd_alpha": cfg.mlo.fd_alpha, "run.epochs": r.epochs,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {value}")
+    for key in ("batch_head", "batch_mask"):
+        if getattr(d, key) < 2:
+            raise ConfigError(f"'data.{key}' must be at least 2 (the head normalises over the batch)")
+    if r.max_steps is not None and r.max_steps <= 0:
+        raise ConfigError(f"'run.max_steps' must be positive, got {r.max_steps}")
+    if not 0.0 <= o.warmup_fraction < 1.0:
+        raise ConfigError(f"'optim.warmup_fraction' must be in [0, 1), got {o.warmup_fraction}")
+    if not 0.0 <= o.final_lr_fraction <= 1.0:
+        raise ConfigError(f"'optim.final_lr_fraction' must be in [0, 1], got {o.final_lr_fraction}")
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Rebuild a config saved with ``to_dict`` (e.g. inside a checkpoint)."""
+    cfg = Config(preset=data.get("preset", Config.preset))
+    _apply(cfg, data, where="saved config: ")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,305 @@
+"""The three-level MLO-MAE engine: one object, one ``step()`` per iteration.
+
+An iteration runs ``unroll_mae`` Stage-I steps on (E, D), ``unroll_head``
+Stage-II steps on C and ``unroll_mask`` Stage-III steps on T (defaults 2/1/1).
+Stage I and II read D_tr, Stage III reads D_val. In baseline mode T is never
+used: masking is uniformly random and Stage III does not run (plain MAE, with
+the head still trained for monitoring).
+
+The last Stage-II batch and the Stage-III batch go through the encoder in one
+forward pass; its graph serves the hypergradient direction (see
+``mlo_mae.hypergradient``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from .config import Config, from_dict
+from .factory import create_models
+from .hypergradient import (Sync, cross_entropy, exact_hypergradient, hyper_direction, mixed_product_fd,
+                            no_sync, seeded)
+from .masking import random_mask, top_k_mask, weighted_reconstruction_loss
+from .optim import build_adamw, set_lr, warmup_cosine
+
+LEVELS = ("mae", "head", "mask")
+STATE_FORMAT = 1
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    """What one iteration measured (plain floats, for logging)."""
+
+    iteration: int
+    loss_mae: float
+    loss_head: float
+    loss_val: float | None = None
+    val_top1: float | None = None
+    hypergrad_norm: float | None = None
+    mask_entropy: float | None = None
+    lr_mae: float = 0.0
+    lr_head: float = 0.0
+    lr_mask: float = 0.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A level produced NaN or inf; the message names the level and step."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+class MLOEngine:
+    """Owns E+D, C and T, their optimisers, schedules, counters and RNG state."""
+
+    def __init__(self, cfg: Config, num_classes: int, total_steps: int,
+                 device: torch.device | str = "cpu", sync: Sync = no_sync,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.total_steps = total_steps
+        self.device = torch.device(device)
+        self.sync = sync
+        if cfg.run.precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("precision bf16 needs a CUDA device; use fp32 on CPU")
+        torch.manual_seed(cfg.run.seed)
+        models = create_models(cfg.model, num_classes)
+        self.mae = models.mae.to(self.device, dtype)
+        self.head = models.head.to(self.device, dtype)
+        self.masknet = models.masknet.to(self.device, dtype)
+        o = cfg.optim
+        self.optimizers = {
+            "mae": build_adamw(self.mae, o.lr_mae, o.weight_decay_mae, o.betas),
+            "head": build_adamw(self.head, o.lr_head, o.weight_decay_head, o.betas),
+            "mask": build_adamw(self.masknet, o.lr_mask, o.weight_decay_mask, o.betas),
+        }
+        self.base_lr = {"mae": o.lr_mae, "head": o.lr_head, "mask": o.lr_mask}
+        self.iteration = 0
+        self.level_steps = {level: 0 for level in LEVELS}
+
+    # ----- schedule -----
+    def unroll(self, level: str) -> int:
+        m = self.cfg.mlo
+        return {"mae": m.unroll_mae, "head": m.unroll_head, "mask": m.unroll_mask}[level]
+
+    def level_total(self, level: str) -> int:
+        """Optimiser steps this level takes over the whole run (its cosine's length)."""
+        return self.total_steps * self.unroll(level)
+
+    def lr(self, level: str, step: int | None = None) -> float:
+        total = self.level_total(level)
+        warmup = int(round(self.cfg.optim.warmup_fraction * total))
+        step = self.level_steps[level] if step is None else step
+        return warmup_cosine(step, total, warmup, self.base_lr[level], self.cfg.optim.final_lr_fraction)
+
+    def _optimizer_step(self, level: str, params: list[torch.nn.Parameter]) -> float:
+        """Average gradients across ranks (``sync``), apply the scheduled lr, step."""
+        grads = [p.grad for p in params if p.grad is not None]
+        self.sync(grads)
+        lr = self.lr(level)
+        set_lr(self.optimizers[level], lr)
+        self.optimizers[level].step()
+        self.level_steps[level] += 1
+        return lr
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.run.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _check(self, value: torch.Tensor, level: str) -> float:
+        out = float(value)
+        if not math.isfinite(out):
+            raise NonFiniteLossError(f"non-finite {level} loss ({out}) at iteration {self.iteration}")
+        return out
+
+    # ----- the three stages -----
+    def mae_step(self, images: torch.Tensor) -> tuple[float, float | None]:
+        """One Stage-I step on (E, D); returns the loss and the masking entropy."""
+        baseline = self.cfg.mlo.baseline
+        ratio = self.cfg.mlo.mask_ratio
+        entropy = None
+        with self._autocast():
+            with torch.no_grad():
+                if baseline:
+                    probs = None
+                    mask = random_mask(images.shape[0], self.mae.num_patches, ratio, self.device)
+                else:
+                    probs = self.masknet(self.mae.embed_patches(images))
+                    mask = top_k_mask(probs, ratio)
+                    p = probs.float().clamp(1e-6, 1 - 1e-6)
+                    entropy = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+            errors = self.mae(images, mask.ids_keep, mask.ids_restore)
+            loss = weighted_reconstruction_loss(errors, mask.mask, probs)
+        self.optimizers["mae"].zero_grad(set_to_none=True)
+        loss.backward()
+        value = self._check(loss.detach(), "Stage-I (reconstruction)")
+        self._optimizer_step("mae", list(self.mae.parameters()))
+        return value, entropy
+
+    def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """One Stage-II step on C, on encoder features of whole D_tr images (E is fixed here)."""
+        with self._autocast():
+            loss = cross_entropy(self.head(features.detach()), labels)
+        self.optimizers["head"].zero_grad(set_to_none=True)
+        loss.backward()
+        value = self._check(loss.detach(), "Stage-II (classification)")
+        self._optimizer_step("head", list(self.head.parameters()))
+        return value
+
+    def hypergradient(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
+                      features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """g_T (T's parameter order), L_val and the D_val logits at the current state.
+
+        A pure function of (state, batches): its randomness is seeded from the run
+        seed and the step counters, and no parameter is modified. ``features``
+        may carry the shared Stage-II/III encoder pass (with its graph).
+        """
+        seed = (self.cfg.run.seed * 1_000_003 + self.iteration * 101 + self.level_steps["mask"]) % (2**62)
+        with seeded(seed, self.device):
+            return self._hypergradient(images_mae, batch_head, batch_val, features, seed)
+
+    def _hypergradient(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
+                       features: tuple[torch.Tensor, torch.Tensor] | None, seed: int,
+                       ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        cfg = self.cfg.mlo
+        lr_mae = self.lr("mae", max(self.level_steps["mae"] - 1, 0))
+        lr_head = self.lr("head", max(self.level_steps["head"] - 1, 0))
+        if cfg.hypergradient == "exact":
+            grads, loss_val = exact_hypergradient(
+                self.mae, self.head, self.masknet, images_mae, batch_head, batch_val,
+                cfg.mask_ratio, lr_mae, lr_head)
+            with torch.no_grad(), self.head.frozen_statistics():
+                logits = self.head(self.mae.forward_features(batch_val[0]))
+            return grads, loss_val, logits
+        if features is None:
+            with self._autocast():
+                both = self.mae.forward_features(torch.cat([batch_head[0], batch_val[0]]))
+            features = (both[: len(batch_head[0])], both[len(batch_head[0]):])
+        f_head, f_val = features
+        with self._autocast():
+            w, loss_val = hyper_direction(self.mae, self.head, f_head, batch_head[1], f_val,
+                                          batch_val[1], lr_head, self.sync)
+            with torch.no_grad(), self.head.frozen_statistics():
+                logits = self.head(f_val.detach())
+        grads = mixed_product_fd(self.mae, self.masknet, images_mae, w, cfg.mask_ratio, lr_mae,
+                                 cfg.fd_alpha, seed)
+        return grads, loss_val, logits
+
+    def mask_step(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
+                  features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float, float]:
+        """One Stage-III step on T; returns L_val, D_val top-1 of the batch and ||g_T||."""
+        grads, loss_val, logits = self.hypergradient(images_mae, batch_head, batch_val, features)
+        value = self._check(loss_val, "Stage-III (validation)")
+        params = list(self.masknet.parameters())
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.dtype)
+        norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
+        self._optimizer_step("mask", params)
+        top1 = float((logits.argmax(-1) == batch_val[1]).float().mean())
+        return value, top1, norm
+
+    def step(self, batches: Mapping[str, Iterator[Batch]]) -> StepStats:
+        """One iteration. ``batches`` maps 'mae', 'head' (D_tr) and 'mask' (D_val) to endless iterators."""
+        self.mae.train(), self.head.train(), self.masknet.train()
+        mlo = not self.cfg.mlo.baseline
+        losses_mae, entropies = [], []
+        for _ in range(self.unroll("mae")):
+            images_mae = next(batches["mae"])[0]
+            loss, entropy = self.mae_step(images_mae)
+            losses_mae.append(loss)
+            if entropy is not None:
+                entropies.append(entropy)
+
+        losses_head = []
+        shared = None
+        batch_head = batch_val = None
+        for j in range(self.unroll("head")):
+            batch_head = next(batches["head"])
+            if mlo and j == self.unroll("head") - 1 and self.cfg.mlo.hypergradient == "fd":
+                # Stage II's last batch shares its encoder pass with Stage III's first.
+                batch_val = next(batches["mask"])
+                with self._autocast():
+                    both = self.mae.forward_features(torch.cat([batch_head[0], batch_val[0]]))
+                shared = (both[: len(batch_head[0])], both[len(batch_head[0]):])
+                features = shared[0]
+            else:
+                with torch.no_grad(), self._autocast():
+                    features = self.mae.forward_features(batch_head[0])
+            losses_head.append(self.head_step(features, batch_head[1]))
+
+        stats = StepStats(iteration=self.iteration, loss_mae=sum(losses_mae) / len(losses_mae),
+                          loss_head=sum(losses_head) / len(losses_head))
+        if mlo:
+            vals, tops, norms = [], [], []
+            for k in range(self.unroll("mask")):
+                if batch_val is None or k > 0:
+                    batch_val, shared = next(batches["mask"]), None
+                loss_val, top1, norm = self.mask_step(images_mae, batch_head, batch_val, shared)
+                vals.append(loss_val), tops.append(top1), norms.append(norm)
+            stats.loss_val = sum(vals) / len(vals)
+            stats.val_top1 = sum(tops) / len(tops)
+            stats.hypergrad_norm = sum(norms) / len(norms)
+            stats.mask_entropy = sum(entropies) / len(entropies)
+        self.iteration += 1
+        stats.lr_mae = self.lr("mae", self.level_steps["mae"] - 1)
+        stats.lr_head = self.lr("head", self.level_steps["head"] - 1)
+        stats.lr_mask = self.lr("mask", max(self.level_steps["mask"] - 1, 0))
+        return stats
+
+    # ----- checkpointable state -----
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: plain tensors and containers only."""
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": STATE_FORMAT,
+            "config": self.cfg.to_dict(),
+            "num_classes": self.num_classes,
+            "total_steps": self.total_steps,
+            "iteration": self.iteration,
+            "level_steps": dict(self.level_steps),
+            "modules": {"mae": self.mae.state_dict(), "head": self.head.state_dict(),
+                        "masknet": self.masknet.state_dict()},
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')} is not {STATE_FORMAT}")
+        if state["num_classes"] != self.num_classes:
+            raise ValueError(f"checkpoint has {state['num_classes']} classes, this engine {self.num_classes}")
+        self.mae.load_state_dict(state["modules"]["mae"])
+        self.head.load_state_dict(state["modules"]["head"])
+        self.masknet.load_state_dict(state["modules"]["masknet"])
+        for key, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        self.total_steps = int(state["total_steps"])
+        self.iteration = int(state["iteration"])
+        self.level_steps = {k: int(v) for k, v in state["level_steps"].items()}
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], device: torch.device | str = "cpu",
+                        sync: Sync = no_sync) -> "MLOEngine":
+        """A fresh engine with the saved config, then the saved state."""
+        engine = cls(from_dict(state["config"]), state["num_classes"], state["total_steps"], device, sync)
+        engine.load_state_dict(state)
+        return engine

@@ -1,0 +1,50 @@
+"""C: the classification head on the CLS token of the whole, unmasked image.
+
+BatchNorm without affine parameters, dropout, Linear: MAE's linear-probe head.
+The CLS feature of an MAE encoder varies little across images at first; the
+normalisation lets Stage II learn within a short run. In eval mode the
+normalisation is a fixed affine map, so the head folds into one Linear layer
+(timm's ``head``, see ``mlo_mae.export``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, embed_dim: int, num_classes: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6)
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(embed_dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, d) encoder features -> (B, classes) logits from the CLS token."""
+        return self.fc(self.drop(self.norm(features[:, 0])))
+
+    @contextlib.contextmanager
+    def frozen_statistics(self) -> Iterator[None]:
+        """Normalise by batch statistics without updating the running ones.
+
+        The hypergradient evaluates the head several times; only Stage II's
+        training step should move the running statistics.
+        """
+        self.norm.track_running_stats = False
+        try:
+            yield
+        finally:
+            self.norm.track_running_stats = True
+
+    def folded_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of one Linear equal to this head in eval mode."""
+        scale = torch.rsqrt(self.norm.running_var + self.norm.eps)
+        weight = self.fc.weight * scale
+        bias = self.fc.bias - weight @ self.norm.running_mean
+        return weight.detach().clone(), bias.detach().clone()

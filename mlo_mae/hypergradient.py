@@ -1,0 +1,189 @@
+"""The hypergradient of the Stage-III loss with respect to the masking network T.
+
+Model of one iteration (one-step unrolling, identity in place of the inverse
+Hessians, as DARTS). With the learning rates eta_E (Stage I) and eta_C
+(Stage II) in force at this step and plain SGD as the linearised inner step:
+
+    E'(T)  = E - eta_E * dL_I(E, T)/dE
+    C'(E') = C - eta_C * dL_II(E', C)/dC
+    g_T    = d L_val(E', C'(E')) / dT
+           = -eta_E * d2L_I/(dT dE) . w,
+    w      = v - eta_C * d2L_II/(dE dC) . u,    v = dL_val/dE,  u = dL_val/dC.
+
+Sign convention: ``g_T`` is the gradient of the validation loss, so T is
+updated by its optimiser as if ``g_T`` were ``T.grad`` (descent on L_val).
+Both paths from T to L_val are kept: directly through E (the ``v`` term) and
+through the head trained on E (the ``- eta_C H u`` term). Each learning rate
+enters once, as the step length of the level it unrolls.
+
+Cost (``fd`` mode, the default):
+- ``w`` is computed exactly and in ONE encoder backward: u needs only the
+  head; ``H u`` is the E-gradient of <dL_II/dC, u>, whose C-gradient graph
+  lives in the head alone; so ``L_val - eta_C <dL_II/dC, u>`` is backpropagated
+  once through the encoder pass that Stage II and III share.
+- ``d2L_I/(dT dE) . w`` is ONE central difference. T only weights the
+  per-patch errors and sees the patch embeddings as a stop-gradient input, so
+      dL_I/dT (E +- eps w) = sum_i dp_i/dT * m_i * err_i(E +- eps w) / K
+  and the difference needs the errors at E +- eps w under ``no_grad`` (no
+  graph for E or D) plus one backward through T. eps = alpha / ||w||.
+- The two passes draw identical dropout / drop-path masks (same seed), and
+  the perturbed weights are new tensors passed by ``functional_call``: the
+  model's parameters are never edited, so they come back bit for bit.
+
+``exact`` mode instead differentiates through a virtual SGD step from the
+current state with double backward; it is for small models and for tests.
+
+For data parallelism, ``sync`` (all-reduce-mean of a list of tensors, in place)
+is applied to u before ``H u`` and to w before the perturbation, so every rank
+perturbs by the same global direction; g_T is synced by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .head import ClassificationHead
+from .mae import MaskedAutoencoderViT
+from .masking import top_k_mask, weighted_reconstruction_loss
+
+Sync = Callable[[Sequence[torch.Tensor]], None]
+
+
+def no_sync(tensors: Sequence[torch.Tensor]) -> None:
+    """Single process: nothing to average."""
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with RNG seeded by ``seed`` and leave the global RNG as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _fp32_exactly(device: torch.device) -> contextlib.AbstractContextManager:
+    """Finite differences need true fp32: no autocast, no TF32 convolutions."""
+    if device.type == "cuda":
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+        stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+        return stack
+    return contextlib.nullcontext()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in at least fp32 (bf16 logits are upcast, fp64 stays fp64)."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
+
+
+def hyper_direction(
+    mae: MaskedAutoencoderViT,
+    head: ClassificationHead,
+    features_head: torch.Tensor,
+    labels_head: torch.Tensor,
+    features_val: torch.Tensor,
+    labels_val: torch.Tensor,
+    lr_head: float,
+    sync: Sync = no_sync,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """w = v - eta_C * d2L_II/(dE dC) . u, in E's parameter order; also returns L_val.
+
+    ``features_*`` are encoder outputs of whole images that still carry their
+    autograd graph to E (one shared forward, see the module docstring).
+    """
+    head_params = [p for p in head.parameters() if p.requires_grad]
+    enc_params = [p for _, p in mae.encoder_named_parameters()]
+    with head.frozen_statistics():
+        loss_val = cross_entropy(head(features_val), labels_val)
+        u = list(torch.autograd.grad(loss_val, head_params, retain_graph=True))
+        sync(u)
+        loss_head = cross_entropy(head(features_head), labels_head)
+    grad_c = torch.autograd.grad(loss_head, head_params, create_graph=True)
+    hu_potential = sum((g * ui).sum() for g, ui in zip(grad_c, u))
+    objective = loss_val - lr_head * hu_potential
+    w = list(torch.autograd.grad(objective, enc_params, allow_unused=True))
+    w = [torch.zeros_like(p) if g is None else g for g, p in zip(w, enc_params)]
+    sync(w)
+    return w, loss_val.detach()
+
+
+def mixed_product_fd(
+    mae: MaskedAutoencoderViT,
+    masknet: nn.Module,
+    images: torch.Tensor,
+    w: Sequence[torch.Tensor],
+    mask_ratio: float,
+    lr_mae: float,
+    alpha: float = 0.01,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """g_T = -eta_E * d2L_I/(dT dE) . w by one central difference at E +- eps*w."""
+    device = images.device
+    names = [n for n, _ in mae.encoder_named_parameters()]
+    params = [p for _, p in mae.encoder_named_parameters()]
+    w_norm = torch.sqrt(sum((wi.float() ** 2).sum() for wi in w))
+    t_params = [p for p in masknet.parameters()]
+    if not torch.isfinite(w_norm) or w_norm == 0:
+        return [torch.zeros_like(p) for p in t_params]
+    eps = alpha / w_norm.item()
+    with torch.no_grad(), _fp32_exactly(device):
+        tokens = mae.embed_patches(images)  # T's input at the unperturbed E
+        mask = top_k_mask(masknet(tokens), mask_ratio)
+        errors = []
+        for sign in (1.0, -1.0):
+            moved = {n: p + (sign * eps) * wi.to(p.dtype) for n, p, wi in zip(names, params, w)}
+            with seeded(seed, device):
+                errors.append(functional_call(mae, moved, (images, mask.ids_keep, mask.ids_restore)))
+        delta = (errors[0] - errors[1]) / (2.0 * eps)
+    probs = masknet(tokens)
+    surrogate = weighted_reconstruction_loss(delta, mask.mask, probs)
+    grads = torch.autograd.grad(surrogate, t_params)
+    return [-lr_mae * g for g in grads]
+
+
+def exact_hypergradient(
+    mae: MaskedAutoencoderViT,
+    head: ClassificationHead,
+    masknet: nn.Module,
+    images: torch.Tensor,
+    batch_head: tuple[torch.Tensor, torch.Tensor],
+    batch_val: tuple[torch.Tensor, torch.Tensor],
+    mask_ratio: float,
+    lr_mae: float,
+    lr_head: float,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """d L_val(E', C'(E')) / dT through one virtual SGD step of E and C (double backward).
+
+    Uses the math attention kernel, the only one with a second derivative.
+    """
+    enc = dict(mae.encoder_named_parameters())
+    dec = {n: p for n, p in mae.named_parameters() if n not in enc}
+    c_params = dict(head.named_parameters())
+    t_params = list(masknet.parameters())
+    with sdpa_kernel(SDPBackend.MATH), head.frozen_statistics():
+        tokens = mae.embed_patches(images).detach()
+        probs = masknet(tokens)
+        mask = top_k_mask(probs, mask_ratio)
+        errors = mae(images, mask.ids_keep, mask.ids_restore)
+        loss_mae = weighted_reconstruction_loss(errors, mask.mask, probs)
+        grads_e = torch.autograd.grad(loss_mae, list(enc.values()), create_graph=True, allow_unused=True)
+        enc_next = {n: p if g is None else p - lr_mae * g for (n, p), g in zip(enc.items(), grads_e)}
+        enc_next.update(dec)
+
+        feats_head = functional_call(mae, enc_next, (batch_head[0],))
+        loss_head = F.cross_entropy(functional_call(head, c_params, (feats_head,)), batch_head[1])
+        grads_c = torch.autograd.grad(loss_head, list(c_params.values()), create_graph=True)
+        c_next = {n: p - lr_head * g for (n, p), g in zip(c_params.items(), grads_c)}
+
+        feats_val = functional_call(mae, enc_next, (batch_val[0],))
+        loss_val = F.cross_entropy(functional_call(head, c_next, (feats_val,)), batch_val[1])
+        grads_t = torch.autograd.grad(loss_val, t_params)
+    return list(grads_t), loss_val.detach()

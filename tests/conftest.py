@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny model configuration that runs in milliseconds."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import pytest
+import torch
+
+from mlo_mae.config import Config, ModelConfig, resolve
+
+torch.set_num_threads(2)
+
+
+def tiny_model() -> ModelConfig:
+    """8x8 images, patch 2 (16 patches), 2 narrow blocks: a real but minute MAE."""
+    return ModelConfig(img_size=8, patch_size=2, in_chans=3, embed_dim=16, depth=2, num_heads=2,
+                       mlp_ratio=2.0, decoder_embed_dim=12, decoder_depth=1, decoder_num_heads=2,
+                       mask_hidden_dim=8)
+
+
+@pytest.fixture
+def tiny_cfg() -> Config:
+    cfg = resolve()
+    cfg.model = tiny_model()
+    cfg.data.batch_mae = cfg.data.batch_head = cfg.data.batch_mask = 6
+    return cfg
+
+
+def random_batches(seed: int, batch: int, img: int = 8, classes: int = 3,
+                   dtype: torch.dtype = torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An endless, seeded stream of (images, labels)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in itertools.count():
+        x = torch.randn(batch, 3, img, img, generator=gen, dtype=dtype)
+        y = torch.randint(0, classes, (batch,), generator=gen)
+        yield x, y
+
+
+def level_streams(batch: int = 6, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    return {level: random_batches(seed * 10 + i, batch, dtype=dtype)
+            for i, level in enumerate(("mae", "head", "mask"))}

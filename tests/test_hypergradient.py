@@ -1,0 +1,185 @@
+"""The hypergradient against independent references, on a tiny float64 model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mlo_mae.engine import MLOEngine
+from mlo_mae.factory import create_models
+from mlo_mae.hypergradient import exact_hypergradient, hyper_direction, mixed_product_fd
+from mlo_mae.masking import top_k_mask, weighted_reconstruction_loss
+
+from conftest import level_streams, tiny_model
+
+RATIO = 0.5
+LR_E, LR_C = 0.05, 0.05  # large enough that the path through C matters
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def cosine(a, b):
+    return float(F.cosine_similarity(flat(a), flat(b), dim=0))
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    models = create_models(tiny_model(), num_classes=3)
+    for m in models.modules().values():
+        m.double().train()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 3, 8, 8, generator=gen, dtype=torch.float64),
+                torch.randint(0, 3, (6,), generator=gen)) for _ in range(3)]
+    return models, batches
+
+
+def sgd_unroll(models, batches):
+    """E' and C' by one plain SGD step each, written out with ordinary autograd."""
+    mae, head, masknet = models.mae, models.head, models.masknet
+    (x1, _), (x2, y2), _ = batches
+    with torch.no_grad():
+        probs = masknet(mae.embed_patches(x1))
+    mask = top_k_mask(probs, RATIO)
+    loss = weighted_reconstruction_loss(mae(x1, mask.ids_keep, mask.ids_restore), mask.mask, probs)
+    enc = mae.encoder_named_parameters()
+    grads = torch.autograd.grad(loss, [p for _, p in enc])
+    mae_next = copy.deepcopy(mae)
+    with torch.no_grad():
+        for (name, _), g in zip(enc, grads):
+            mae_next.get_parameter(name).sub_(LR_E * g)
+    head_next = copy.deepcopy(head)
+    with torch.no_grad(), head_next.frozen_statistics():
+        feats = mae_next(x2)
+    with head_next.frozen_statistics():
+        loss_c = F.cross_entropy(head_next(feats), y2)
+    grads_c = torch.autograd.grad(loss_c, list(head_next.parameters()))
+    with torch.no_grad():
+        for p, g in zip(head_next.parameters(), grads_c):
+            p.sub_(LR_C * g)
+    return mae_next, head_next
+
+
+def fd_through_unroll(models, batches, lr_c=LR_C, alpha=0.01):
+    """The fd-mode formula with v, u taken at the unrolled (E', C')."""
+    (x1, _), (x2, y2), (x3, y3) = batches
+    mae_next, head_next = sgd_unroll(models, batches)
+    both = mae_next(torch.cat([x2, x3]))
+    w, _ = hyper_direction(mae_next, head_next, both[:6], y2, both[6:], y3, lr_c)
+    return mixed_product_fd(models.mae, models.masknet, x1, w, RATIO, LR_E, alpha=alpha)
+
+
+def exact(models, batches):
+    (x1, _), b2, b3 = batches
+    grads, _ = exact_hypergradient(models.mae, models.head, models.masknet, x1, b2, b3, RATIO, LR_E, LR_C)
+    return grads
+
+
+def unrolled_val_loss(models, batches, t_params):
+    """L_val(E'(T), C'(E'(T))) with T's parameters substituted: the brute-force reference."""
+    mae, head, masknet = models.mae, models.head, models.masknet
+    (x1, _), (x2, y2), (x3, y3) = batches
+    enc = dict(mae.encoder_named_parameters())
+    with sdpa_kernel(SDPBackend.MATH), head.frozen_statistics():
+        probs = functional_call(masknet, t_params, (mae.embed_patches(x1).detach(),))
+        mask = top_k_mask(probs, RATIO)
+        loss = weighted_reconstruction_loss(mae(x1, mask.ids_keep, mask.ids_restore), mask.mask, probs)
+        grads = torch.autograd.grad(loss, list(enc.values()))
+        e_next = {n: p - LR_E * g for (n, p), g in zip(enc.items(), grads)}
+        c = dict(head.named_parameters())
+        loss_c = F.cross_entropy(functional_call(head, c, (functional_call(mae, e_next, (x2,)),)), y2)
+        grads_c = torch.autograd.grad(loss_c, list(c.values()))
+        c_next = {n: p - LR_C * g for (n, p), g in zip(c.items(), grads_c)}
+        logits = functional_call(head, c_next, (functional_call(mae, e_next, (x3,)),))
+        return F.cross_entropy(logits, y3).detach()
+
+
+def test_exact_mode_matches_brute_force_numerical_derivative(problem):
+    models, batches = problem
+    g = exact(models, batches)
+    names = [n for n, _ in models.masknet.named_parameters()]
+    base = {n: p.detach() for n, p in models.masknet.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    h = 1e-6
+    for _ in range(3):
+        direction = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in base.items()}
+        plus = unrolled_val_loss(models, batches, {n: base[n] + h * direction[n] for n in names})
+        minus = unrolled_val_loss(models, batches, {n: base[n] - h * direction[n] for n in names})
+        numeric = float((plus - minus) / (2 * h))
+        analytic = float(sum((gi * direction[n]).sum() for gi, n in zip(g, names)))
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-12)
+        assert abs(analytic) > 1e-8  # the check is not 0 == 0
+
+
+def test_finite_difference_agrees_with_exact_autograd_through_the_unrolled_step(problem):
+    models, batches = problem
+    reference = exact(models, batches)
+    fd = fd_through_unroll(models, batches)
+    assert cosine(fd, reference) >= 0.99
+    assert flat(fd).norm() == pytest.approx(float(flat(reference).norm()), rel=0.05)
+
+
+def test_the_path_through_the_head_is_kept(problem):
+    """Dropping the -eta_C H u term (lr_c=0 in w) must move the estimate away from exact."""
+    models, batches = problem
+    reference = exact(models, batches)
+    with_c = cosine(fd_through_unroll(models, batches), reference)
+    without_c = cosine(fd_through_unroll(models, batches, lr_c=0.0), reference)
+    assert with_c > 0.99 and without_c < 0.9
+
+
+def test_fd_is_insensitive_to_the_step_size_in_float64(problem):
+    models, batches = problem
+    a = fd_through_unroll(models, batches, alpha=1e-2)
+    b = fd_through_unroll(models, batches, alpha=1e-4)
+    assert cosine(a, b) > 0.9999
+
+
+def _engine_after_a_step(tiny_cfg, drop):
+    tiny_cfg.model.drop_path = drop
+    tiny_cfg.model.head_drop = drop
+    tiny_cfg.mlo.mask_ratio = RATIO
+    engine = MLOEngine(tiny_cfg, num_classes=3, total_steps=10)
+    streams = level_streams()
+    engine.step(streams)
+    return engine, streams
+
+
+def _snapshot(engine):
+    return {f"{m}.{k}": v.clone() for m, mod in (("mae", engine.mae), ("head", engine.head),
+                                                  ("masknet", engine.masknet))
+            for k, v in mod.state_dict().items()}
+
+
+def test_two_calls_agree_and_parameters_come_back_bit_for_bit(tiny_cfg):
+    engine, streams = _engine_after_a_step(tiny_cfg, drop=0.2)  # dropout and drop-path active
+    x1, b2, b3 = next(streams["mae"])[0], next(streams["head"]), next(streams["mask"])
+    before = _snapshot(engine)
+    rng = torch.get_rng_state()
+    g1, _, _ = engine.hypergradient(x1, b2, b3)
+    g2, _, _ = engine.hypergradient(x1, b2, b3)
+    after = _snapshot(engine)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert flat(g1).norm() > 0
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert torch.equal(rng, torch.get_rng_state())  # the global RNG stream is not consumed
+
+
+def test_plus_and_minus_passes_share_their_randomness(tiny_cfg):
+    """With drop-path on, a shared mask makes the estimate independent of eps; a fresh mask
+    per pass would add noise / eps and blow it up as eps shrinks."""
+    engine, streams = _engine_after_a_step(tiny_cfg, drop=0.3)
+    x1, b2, b3 = next(streams["mae"])[0], next(streams["head"]), next(streams["mask"])
+    estimates = []
+    for alpha in (1e-2, 1e-3):
+        engine.cfg.mlo.fd_alpha = alpha
+        estimates.append(engine.hypergradient(x1, b2, b3)[0])
+    ratio = float(flat(estimates[1]).norm() / flat(estimates[0]).norm())
+    assert cosine(*estimates) > 0.99
+    assert 0.9 < ratio < 1.1
