@@ -179,9 +179,10 @@ class MLOEngine:
         lr_mae = self.lr("mae", max(self.level_steps["mae"] - 1, 0))
         lr_head = self.lr("head", max(self.level_steps["head"] - 1, 0))
         if cfg.hypergradient == "exact":
+            virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]  # divided out again
             grads, loss_val = exact_hypergradient(
                 self.mae, self.head, self.masknet, images_mae, batch_head, batch_val,
-                cfg.mask_ratio, lr_mae, lr_head)
+                cfg.mask_ratio, virtual_lr, lr_head)
             with torch.no_grad(), self.head.frozen_statistics():
                 logits = self.head(self.mae.forward_features(batch_val[0]))
             return grads, loss_val, logits
@@ -195,8 +196,7 @@ class MLOEngine:
                                           batch_val[1], lr_head, self.sync)
             with torch.no_grad(), self.head.frozen_statistics():
                 logits = self.head(f_val.detach())
-        grads = mixed_product_fd(self.mae, self.masknet, images_mae, w, cfg.mask_ratio, lr_mae,
-                                 cfg.fd_alpha, seed)
+        grads = mixed_product_fd(self.mae, self.masknet, images_mae, w, cfg.mask_ratio, cfg.fd_alpha, seed)
         return grads, loss_val, logits
 
     def mask_step(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,

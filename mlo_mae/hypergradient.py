@@ -6,15 +6,21 @@ Hessians, as DARTS). With the learning rates eta_E (Stage I) and eta_C
 
     E'(T)  = E - eta_E * dL_I(E, T)/dE
     C'(E') = C - eta_C * dL_II(E', C)/dC
-    g_T    = d L_val(E', C'(E')) / dT
-           = -eta_E * d2L_I/(dT dE) . w,
+    d L_val(E', C'(E')) / dT = -eta_E * d2L_I/(dT dE) . w,
     w      = v - eta_C * d2L_II/(dE dC) . u,    v = dL_val/dE,  u = dL_val/dC.
 
-Sign convention: ``g_T`` is the gradient of the validation loss, so T is
-updated by its optimiser as if ``g_T`` were ``T.grad`` (descent on L_val).
-Both paths from T to L_val are kept: directly through E (the ``v`` term) and
-through the head trained on E (the ``- eta_C H u`` term). Each learning rate
-enters once, as the step length of the level it unrolls.
+What T's optimiser receives as ``T.grad`` is
+
+    g_T = (d L_val / dT) / eta_E = - d2L_I/(dT dE) . w
+
+Sign convention: ``g_T`` points uphill on the validation loss, so the
+optimiser's descent step lowers L_val. Both paths from T to L_val are kept:
+directly through E (the ``v`` term) and through the head trained on E (the
+``- eta_C H u`` term). eta_C enters inside w, where it weighs the two paths
+against each other. eta_E is a positive factor common to all of g_T and is
+divided out: AdamW on T is blind to a constant scale except through its
+epsilon, which a factor ~1e-4 would make dominant, and at the schedule's last
+step (eta_E = 0) T would get no signal at all.
 
 Cost (``fd`` mode, the default):
 - ``w`` is computed exactly and in ONE encoder backward: u needs only the
@@ -121,11 +127,10 @@ def mixed_product_fd(
     images: torch.Tensor,
     w: Sequence[torch.Tensor],
     mask_ratio: float,
-    lr_mae: float,
     alpha: float = 0.01,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """g_T = -eta_E * d2L_I/(dT dE) . w by one central difference at E +- eps*w."""
+    """g_T = - d2L_I/(dT dE) . w by one central difference at E +- eps*w."""
     device = images.device
     names = [n for n, _ in mae.encoder_named_parameters()]
     params = [p for _, p in mae.encoder_named_parameters()]
@@ -146,7 +151,7 @@ def mixed_product_fd(
     probs = masknet(tokens)
     surrogate = weighted_reconstruction_loss(delta, mask.mask, probs)
     grads = torch.autograd.grad(surrogate, t_params)
-    return [-lr_mae * g for g in grads]
+    return [-g for g in grads]
 
 
 def exact_hypergradient(
@@ -160,9 +165,10 @@ def exact_hypergradient(
     lr_mae: float,
     lr_head: float,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """d L_val(E', C'(E')) / dT through one virtual SGD step of E and C (double backward).
+    """g_T = (d L_val(E', C'(E')) / dT) / eta_E through one virtual SGD step of E and C.
 
-    Uses the math attention kernel, the only one with a second derivative.
+    Double backward; uses the math attention kernel, the only one with a second
+    derivative. ``lr_mae`` must be positive here (it is the virtual step).
     """
     enc = dict(mae.encoder_named_parameters())
     dec = {n: p for n, p in mae.named_parameters() if n not in enc}
@@ -186,4 +192,4 @@ def exact_hypergradient(
         feats_val = functional_call(mae, enc_next, (batch_val[0],))
         loss_val = F.cross_entropy(functional_call(head, c_next, (feats_val,)), batch_val[1])
         grads_t = torch.autograd.grad(loss_val, t_params)
-    return list(grads_t), loss_val.detach()
+    return [g / lr_mae for g in grads_t], loss_val.detach()

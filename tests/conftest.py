@@ -28,16 +28,20 @@ def tiny_cfg() -> Config:
     return cfg
 
 
-def random_batches(seed: int, batch: int, img: int = 8, classes: int = 3,
+def random_batches(seed: int, batch: int, start: int = 0, img: int = 8, classes: int = 3,
                    dtype: torch.dtype = torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """An endless, seeded stream of (images, labels)."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in itertools.count():
+    """An endless stream of (images, labels); batch i depends only on (seed, i), so a
+    stream resumes at ``start``."""
+    for i in itertools.count(start):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         x = torch.randn(batch, 3, img, img, generator=gen, dtype=dtype)
         y = torch.randint(0, classes, (batch,), generator=gen)
         yield x, y
 
 
-def level_streams(batch: int = 6, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
-    return {level: random_batches(seed * 10 + i, batch, dtype=dtype)
+def level_streams(batch: int = 6, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  start: dict[str, int] | None = None) -> dict:
+    """One stream per level; ``start`` (batches already drawn per level) resumes them."""
+    start = start or {}
+    return {level: random_batches(seed * 10 + i, batch, start.get(level, 0), dtype=dtype)
             for i, level in enumerate(("mae", "head", "mask"))}

@@ -71,7 +71,7 @@ def fd_through_unroll(models, batches, lr_c=LR_C, alpha=0.01):
     mae_next, head_next = sgd_unroll(models, batches)
     both = mae_next(torch.cat([x2, x3]))
     w, _ = hyper_direction(mae_next, head_next, both[:6], y2, both[6:], y3, lr_c)
-    return mixed_product_fd(models.mae, models.masknet, x1, w, RATIO, LR_E, alpha=alpha)
+    return mixed_product_fd(models.mae, models.masknet, x1, w, RATIO, alpha=alpha)
 
 
 def exact(models, batches):
@@ -111,7 +111,8 @@ def test_exact_mode_matches_brute_force_numerical_derivative(problem):
         plus = unrolled_val_loss(models, batches, {n: base[n] + h * direction[n] for n in names})
         minus = unrolled_val_loss(models, batches, {n: base[n] - h * direction[n] for n in names})
         numeric = float((plus - minus) / (2 * h))
-        analytic = float(sum((gi * direction[n]).sum() for gi, n in zip(g, names)))
+        # g_T is dL_val/dT per unit of eta_E (see the module docstring)
+        analytic = LR_E * float(sum((gi * direction[n]).sum() for gi, n in zip(g, names)))
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-12)
         assert abs(analytic) > 1e-8  # the check is not 0 == 0
 

@@ -1,0 +1,65 @@
+import pytest
+
+from mlo_mae.config import Config, ConfigError, PRESETS, from_dict, parse_override, resolve
+
+
+def test_defaults_preset_file_and_overrides_apply_in_order(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: small\nmodel:\n  depth: 6\noptim:\n  lr_mask: 1e-4\n")
+    cfg = resolve(f, overrides={"model.depth": 3, "mlo.unroll_mae": 4})
+    assert cfg.preset == "small"
+    assert cfg.model.embed_dim == PRESETS["small"]["model"]["embed_dim"]  # from the preset
+    assert cfg.optim.lr_mask == 1e-4  # from the file, '1e-4' read as a number
+    assert cfg.model.depth == 3  # command line beats the file
+    assert cfg.mlo.unroll_mae == 4
+    assert resolve(f, preset="tiny").model.embed_dim == 192  # --preset beats the file's preset
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = resolve(preset="base-cifar", overrides={"mlo.mask_ratio": 0.6, "optim.betas": [0.8, 0.9]})
+    f = tmp_path / "resolved.yaml"
+    f.write_text(cfg.to_yaml())
+    again = resolve(f)
+    assert again == cfg
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"optim.lr_maee": 1.0}, "unknown config key 'optim.lr_maee' (did you mean 'optim.lr_mae'?)"),
+    ({"mlo.mask_ratio": 1.5}, "'mlo.mask_ratio' must be between 0 and 1"),
+    ({"mlo.unroll_mae": 0}, "'mlo.unroll_mae' must be positive"),
+    ({"mlo.unroll_mae": 1.5}, "'mlo.unroll_mae' expects an integer"),
+    ({"mlo.hypergradient": "neumann"}, "'mlo.hypergradient' must be one of fd, exact"),
+    ({"model.patch_size": 5}, "must be a multiple of 'model.patch_size'"),
+    ({"run.precision": "fp16"}, "'run.precision' must be one of fp32, bf16"),
+    ({"data.batch_mask": 1}, "'data.batch_mask' must be at least 2"),
+    ({"optim.betas": [0.9]}, "'optim.betas' expects a list of 2 numbers"),
+])
+def test_bad_values_are_named(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        resolve(overrides=overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("mlo:\n  mask_ration: 0.5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'mlo.mask_ration'"):
+        resolve(f)
+    f.write_text("mlo: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*not valid YAML"):
+        resolve(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        resolve(preset="huge")
+
+
+def test_override_parsing():
+    assert parse_override("optim.lr_mae=3e-4") == ("optim.lr_mae", "3e-4")
+    assert parse_override("mlo.baseline=true") == ("mlo.baseline", True)
+    assert parse_override("run.max_steps=null") == ("run.max_steps", None)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("optim.lr_mae")
+    assert isinstance(Config().to_dict()["optim"]["betas"], list)

@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+from mlo_mae.checkpoint import load, save_atomic
+from mlo_mae.engine import MLOEngine, NonFiniteLossError
+
+from conftest import level_streams
+
+
+def _params(engine):
+    return {f"{name}.{k}": v for name, mod in (("mae", engine.mae), ("head", engine.head),
+                                               ("masknet", engine.masknet))
+            for k, v in mod.state_dict().items()}
+
+
+def _run(engine, streams, n):
+    return [engine.step(streams) for _ in range(n)]
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_save_load_continue_is_bit_for_bit(tiny_cfg, tmp_path, baseline):
+    tiny_cfg.mlo.baseline = baseline
+    tiny_cfg.model.drop_path = 0.1  # exercise the RNG state too
+    tiny_cfg.model.head_drop = 0.1
+    k = 3
+    straight = MLOEngine(tiny_cfg, 3, total_steps=2 * k)
+    _run(straight, level_streams(), 2 * k)
+
+    first = MLOEngine(tiny_cfg, 3, total_steps=2 * k)
+    _run(first, level_streams(), k)
+    # One batch per optimiser step of each level: the step counters are the data position.
+    path = save_atomic({"engine": first.state_dict(), "drawn": dict(first.level_steps)}, tmp_path / "ckpt.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
+    del first
+
+    state = load(path)  # weights_only=True
+    torch.manual_seed(12345)  # a fresh process would not share the RNG position
+    resumed = MLOEngine.from_state_dict(state["engine"])
+    _run(resumed, level_streams(start=state["drawn"]), k)
+
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert resumed.iteration == straight.iteration == 2 * k
+    assert resumed.level_steps == straight.level_steps
+    for level in straight.optimizers:
+        sa = straight.optimizers[level].state_dict()["state"]
+        sb = resumed.optimizers[level].state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            assert all(torch.equal(sa[i][n], sb[i][n]) for n in ("exp_avg", "exp_avg_sq"))
+
+
+def test_baseline_never_touches_the_masking_network(tiny_cfg):
+    tiny_cfg.mlo.baseline = True
+    engine = MLOEngine(tiny_cfg, 3, total_steps=4)
+    before = {k: v.clone() for k, v in engine.masknet.state_dict().items()}
+    before_mae = engine.mae.patch_embed.proj.weight.clone()
+    stats = _run(engine, level_streams(), 4)
+    after = engine.masknet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert engine.optimizers["mask"].state_dict()["state"] == {}
+    assert engine.level_steps == {"mae": 8, "head": 4, "mask": 0}
+    assert all(s.loss_val is None for s in stats)
+    assert not torch.equal(before_mae, engine.mae.patch_embed.proj.weight)  # E did train
+
+
+def test_mlo_mode_trains_every_level(tiny_cfg):
+    engine = MLOEngine(tiny_cfg, 3, total_steps=3)
+    before = {n: p.clone() for n, p in engine.masknet.named_parameters()}
+    stats = _run(engine, level_streams(), 3)
+    assert engine.level_steps == {"mae": 6, "head": 3, "mask": 3}
+    assert any(not torch.equal(before[n], p) for n, p in engine.masknet.named_parameters())
+    assert all(s.loss_val is not None and s.hypergrad_norm > 0 for s in stats)
+
+
+def test_per_level_unroll_counts_are_honoured(tiny_cfg):
+    tiny_cfg.mlo.unroll_mae, tiny_cfg.mlo.unroll_head, tiny_cfg.mlo.unroll_mask = 3, 2, 2
+    engine = MLOEngine(tiny_cfg, 3, total_steps=2)
+    _run(engine, level_streams(), 2)
+    assert engine.level_steps == {"mae": 6, "head": 4, "mask": 4}
+
+
+@pytest.mark.parametrize("final_fraction", [0.0, 0.1])
+def test_every_level_reaches_its_floor_at_the_last_step(tiny_cfg, final_fraction):
+    tiny_cfg.optim.final_lr_fraction = final_fraction
+    tiny_cfg.optim.warmup_fraction = 0.2
+    total = 5
+    engine = MLOEngine(tiny_cfg, 3, total_steps=total)
+    seen = {level: [] for level in engine.optimizers}
+    streams = level_streams()
+    for _ in range(total):
+        engine.step(streams)
+        for level, opt in engine.optimizers.items():
+            seen[level].append(opt.param_groups[0]["lr"])
+    for level, lrs in seen.items():
+        base = engine.base_lr[level]
+        assert lrs[-1] == pytest.approx(base * final_fraction, abs=1e-12)
+        assert max(lrs) <= base * (1 + 1e-12)
+        # and the schedule spans every step of the level: its peak is reached
+        full = [engine.lr(level, s) for s in range(engine.level_total(level))]
+        assert max(full) == pytest.approx(base)
+        assert full[-1] == pytest.approx(base * final_fraction, abs=1e-12)
+        assert all(a >= b for a, b in zip(full[full.index(max(full)):], full[full.index(max(full)) + 1:]))
+
+
+def test_optimisers_are_adamw_without_decay_on_biases_norms_and_tokens(tiny_cfg):
+    engine = MLOEngine(tiny_cfg, 3, total_steps=1)
+    opt = engine.optimizers["mae"]
+    assert isinstance(opt, torch.optim.AdamW)
+    names = {id(p): n for n, p in engine.mae.named_parameters()}
+    for group in opt.param_groups:
+        assert group["betas"] == (0.9, 0.95)
+        for p in group["params"]:
+            n = names[id(p)]
+            undecayed = p.ndim <= 1 or n.endswith(".bias") or n in ("cls_token", "mask_token")
+            assert group["weight_decay"] == (0.0 if undecayed else tiny_cfg.optim.weight_decay_mae), n
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(engine.mae.parameters()))
+
+
+def test_nan_loss_names_the_level_and_step(tiny_cfg):
+    engine = MLOEngine(tiny_cfg, 3, total_steps=3)
+    streams = level_streams()
+    engine.step(streams)
+    bad = level_streams()
+    bad["mae"] = iter([(torch.full((6, 3, 8, 8), float("nan")), torch.zeros(6, dtype=torch.long))] * 4)
+    with pytest.raises(NonFiniteLossError, match="Stage-I.*iteration 1"):
+        engine.step(bad)
+
+
+def test_exact_mode_runs_inside_the_engine(tiny_cfg):
+    tiny_cfg.mlo.hypergradient = "exact"
+    engine = MLOEngine(tiny_cfg, 3, total_steps=2)
+    stats = _run(engine, level_streams(), 2)
+    assert all(s.hypergrad_norm > 0 for s in stats)
