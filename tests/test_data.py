@@ -24,7 +24,9 @@ def test_split_is_stable_for_a_seed_and_changes_with_it():
     a, b, c = stratified_split(labels, 3), stratified_split(labels, 3), stratified_split(labels, 4)
     assert all(np.array_equal(getattr(a, s), getattr(b, s)) for s in ("train", "val", "test"))
     assert not np.array_equal(a.train, c.train)
-    assert np.bincount(labels[a.val]).tolist() == [6] * 5  # 20% of the 80% = 32 per class... of 40
+    assert np.bincount(labels[a.test]).tolist() == [8] * 5  # 20% of 40 per class
+    assert set(np.bincount(labels[a.val]).tolist()) <= {6, 7}  # 20% of the remaining 32 per class
+    assert len(a.val) == 32 and len(a.train) == 128
 
 
 def test_loader_covers_an_epoch_and_resumes_exactly():
