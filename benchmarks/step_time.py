@@ -8,7 +8,8 @@ encoder 192 wide x 4 deep x 3 heads, decoder 128 x 2 x 4, masking network
 - MLO: the median time of one full iteration (2 Stage-I steps, Stage II,
   Stage III with the hypergradient) divided by the 2 Stage-I steps it holds.
 
-Each (mode, batch) runs in its own process so that peak RSS is its own.
+Times: both modes in one process, interleaved step by step (noise hits both
+alike). Peak RSS: each mode in a process of its own.
 Usage: python benchmarks/step_time.py [--steps 30] [--threads 2] [--out FILE]
 """
 
@@ -31,8 +32,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child(mode: str, batch: int, steps: int, threads: int, warmup: int) -> dict:
-    """Runs in a subprocess: build the engine, warm up, time ``steps`` steps."""
+def _setup(batch: int, threads: int):
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -40,12 +40,14 @@ def child(mode: str, batch: int, steps: int, threads: int, warmup: int) -> dict:
     from mlo_mae.engine import MLOEngine
 
     torch.set_num_threads(threads)
-    cfg = resolve(preset="tiny", overrides={"mlo.baseline": mode == "mae", "data.batch_mae": batch,
-                                            "data.batch_head": batch, "data.batch_mask": batch})
-    engine = MLOEngine(cfg, num_classes=10, total_steps=10 * (steps + warmup))
     gen = torch.Generator().manual_seed(0)
     pool = [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
             for _ in range(8)]
+
+    def make(mode: str):
+        cfg = resolve(preset="tiny", overrides={"mlo.baseline": mode == "mae", "data.batch_mae": batch,
+                                                "data.batch_head": batch, "data.batch_mask": batch})
+        return MLOEngine(cfg, num_classes=10, total_steps=100_000)
 
     def cycle(offset: int):
         i = offset
@@ -53,27 +55,42 @@ def child(mode: str, batch: int, steps: int, threads: int, warmup: int) -> dict:
             yield pool[i % len(pool)]
             i += 1
 
-    rss_ready = _rss_mb()
-    times = []
-    if mode == "mae":
-        for i in range(warmup + steps):
-            images = pool[i % len(pool)][0]
-            start = time.perf_counter()
-            engine.mae_step(images)
-            times.append(time.perf_counter() - start)
-        per_stage1 = times[warmup:]
-    else:
+    def runner(mode: str):
+        """A zero-argument callable doing one timed unit: a MAE step or an MLO iteration."""
+        engine = make(mode)
+        if mode == "mae":
+            stream = cycle(0)
+            return lambda: engine.mae_step(next(stream)[0])
         batches = {"mae": cycle(0), "head": cycle(3), "mask": cycle(5)}
-        for _ in range(warmup + steps):
+        return lambda: engine.step(batches)
+
+    return runner
+
+
+def child_time(batch: int, steps: int, threads: int, warmup: int) -> dict:
+    """Both modes in one process, interleaved step by step, so machine noise hits both alike."""
+    runner = _setup(batch, threads)
+    run = {"mae": runner("mae"), "mlo": runner("mlo")}
+    times: dict[str, list[float]] = {"mae": [], "mlo": []}
+    for i in range(warmup + steps):
+        for mode in ("mae", "mlo"):
             start = time.perf_counter()
-            engine.step(batches)
-            times.append(time.perf_counter() - start)
-        per_stage1 = [t / cfg.mlo.unroll_mae for t in times[warmup:]]
-    return {"mode": mode, "batch": batch, "steps": steps, "threads": threads,
-            "median_s_per_stage1_step": statistics.median(per_stage1),
-            "p10_s": sorted(per_stage1)[len(per_stage1) // 10],
-            "p90_s": sorted(per_stage1)[(9 * len(per_stage1)) // 10],
-            "rss_ready_mb": rss_ready, "peak_rss_mb": _rss_mb()}
+            run[mode]()
+            if i >= warmup:
+                times[mode].append(time.perf_counter() - start)
+    mae = statistics.median(times["mae"])
+    mlo = statistics.median(times["mlo"]) / 2  # unroll_mae = 2 Stage-I steps per iteration
+    return {"batch": batch, "steps": steps, "threads": threads, "mae_s": mae, "mlo_s_per_stage1": mlo}
+
+
+def child_rss(mode: str, batch: int, threads: int, steps: int = 10) -> dict:
+    """Peak RSS of one mode alone: after building the engine, and after ``steps`` steps."""
+    runner = _setup(batch, threads)
+    run = runner(mode)
+    ready = _rss_mb()
+    for _ in range(steps):
+        run()
+    return {"mode": mode, "batch": batch, "rss_ready_mb": ready, "peak_rss_mb": _rss_mb()}
 
 
 def main() -> None:
@@ -83,32 +100,42 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="8,32")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_time.json")
-    parser.add_argument("--child", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.threads, args.warmup)))
+        kind, *rest = args.child
+        if kind == "time":
+            result = child_time(int(rest[0]), args.steps, args.threads, args.warmup)
+        else:
+            result = child_rss(rest[0], int(rest[1]), args.threads)
+        print(json.dumps(result))
         return
 
-    rows = []
+    def spawn(*child_args: str) -> dict:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                              "--threads", str(args.threads), "--child", *child_args],
+                             capture_output=True, text=True, env=env, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    timing, rss = [], []
     for batch in [int(b) for b in args.batches.split(",")]:
+        print(f"batch {batch}: timing MAE and MLO interleaved ...", file=sys.stderr, flush=True)
+        timing.append(spawn("time", str(batch)))
         for mode in ("mae", "mlo"):
-            print(f"running {mode} at batch {batch} ...", file=sys.stderr, flush=True)
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(batch),
-                                  "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                  "--threads", str(args.threads)],
-                                 capture_output=True, text=True, env=env, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"batch {batch}: peak RSS of {mode} ...", file=sys.stderr, flush=True)
+            rss.append(spawn("rss", mode, str(batch)))
 
     table = []
-    for batch in sorted({r["batch"] for r in rows}):
-        mae = next(r for r in rows if r["batch"] == batch and r["mode"] == "mae")
-        mlo = next(r for r in rows if r["batch"] == batch and r["mode"] == "mlo")
+    for t in timing:
+        batch = t["batch"]
+        mae = next(r for r in rss if r["batch"] == batch and r["mode"] == "mae")
+        mlo = next(r for r in rss if r["batch"] == batch and r["mode"] == "mlo")
         table.append({
             "batch": batch,
-            "mae_ms": 1000 * mae["median_s_per_stage1_step"],
-            "mlo_ms": 1000 * mlo["median_s_per_stage1_step"],
-            "time_ratio": mlo["median_s_per_stage1_step"] / mae["median_s_per_stage1_step"],
+            "mae_ms": 1000 * t["mae_s"],
+            "mlo_ms": 1000 * t["mlo_s_per_stage1"],
+            "time_ratio": t["mlo_s_per_stage1"] / t["mae_s"],
             "mae_peak_rss_mb": mae["peak_rss_mb"],
             "mlo_peak_rss_mb": mlo["peak_rss_mb"],
             "rss_ratio": mlo["peak_rss_mb"] / mae["peak_rss_mb"],
@@ -123,10 +150,10 @@ def main() -> None:
         print(f"{r['batch']:>5} | {r['mae_ms']:>11.1f} | {r['mlo_ms']:>11.1f} | {r['time_ratio']:>6.2f}x | "
               f"{r['mae_peak_rss_mb']:>10.0f} | {r['mlo_peak_rss_mb']:>10.0f} | {r['rss_ratio']:>8.2f}x | "
               f"{r['rss_ratio_above_ready']:>11.2f}x")
-    print("MLO ms/step = one iteration (2 Stage-I, Stage II, Stage III) / 2; growth = peak RSS minus RSS "
-          "after building the engine")
+    print("medians over interleaved steps in one process; MLO ms/step = one iteration (2 Stage-I, Stage II, "
+          "Stage III) / 2; growth = peak RSS minus RSS after building the engine")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "table": table}, indent=2))
+    args.out.write_text(json.dumps({"timing": timing, "rss": rss, "table": table}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -139,16 +139,18 @@ def mixed_product_fd(
     if not torch.isfinite(w_norm) or w_norm == 0:
         return [torch.zeros_like(p) for p in t_params]
     eps = alpha / w_norm.item()
+    with _fp32_exactly(device):
+        with torch.no_grad():
+            tokens = mae.embed_patches(images)  # T's input at the unperturbed E
+        probs = masknet(tokens)
+    mask = top_k_mask(probs, mask_ratio)
     with torch.no_grad(), _fp32_exactly(device):
-        tokens = mae.embed_patches(images)  # T's input at the unperturbed E
-        mask = top_k_mask(masknet(tokens), mask_ratio)
         errors = []
         for sign in (1.0, -1.0):
             moved = {n: p + (sign * eps) * wi.to(p.dtype) for n, p, wi in zip(names, params, w)}
             with seeded(seed, device):
                 errors.append(functional_call(mae, moved, (images, mask.ids_keep, mask.ids_restore)))
         delta = (errors[0] - errors[1]) / (2.0 * eps)
-    probs = masknet(tokens)
     surrogate = weighted_reconstruction_loss(delta, mask.mask, probs)
     grads = torch.autograd.grad(surrogate, t_params)
     return [-g for g in grads]

@@ -15,9 +15,14 @@ NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 def build_adamw(module: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                 no_weight_decay: Collection[str] = NO_WEIGHT_DECAY) -> torch.optim.AdamW:
-    """AdamW with two groups: decayed weights, and undecayed biases / norms / tokens."""
+    """AdamW with two groups: decayed weights, and undecayed biases / norms / tokens.
+
+    The fused kernel (CPU and CUDA) is ~5x faster than the foreach one on the
+    masking network's 6M-weight first layer, where the optimiser step would
+    otherwise cost a third of a small-batch MAE step.
+    """
     groups = param_groups_weight_decay(module, weight_decay, no_weight_decay_list=no_weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=0.0, fused=True)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, final_fraction: float = 0.0) -> float:
