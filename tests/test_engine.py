@@ -133,3 +133,40 @@ def test_exact_mode_runs_inside_the_engine(tiny_cfg):
     engine = MLOEngine(tiny_cfg, 3, total_steps=2)
     stats = _run(engine, level_streams(), 2)
     assert all(s.hypergrad_norm > 0 for s in stats)
+
+
+def test_sync_hook_sees_every_gradient_before_it_is_used(tiny_cfg):
+    """The data-parallel hook: u, w and each level's gradients pass through ``sync``
+    (in this order within an iteration), so ranks can average them in place."""
+    calls = []
+
+    def record(tensors):
+        calls.append([tuple(t.shape) for t in tensors])
+
+    engine = MLOEngine(tiny_cfg, 3, total_steps=1, sync=record)
+    engine.step(level_streams())
+    shapes = {
+        "mae": [tuple(p.shape) for p in engine.mae.parameters()],
+        "head": [tuple(p.shape) for p in engine.head.parameters()],
+        "u": [tuple(p.shape) for p in engine.head.parameters()],
+        "w": [tuple(p.shape) for _, p in engine.mae.encoder_named_parameters()],
+        "mask": [tuple(p.shape) for p in engine.masknet.parameters()],
+    }
+    assert calls == [shapes["mae"], shapes["mae"], shapes["head"], shapes["u"], shapes["w"], shapes["mask"]]
+
+
+def test_sync_hook_changes_the_direction_used_for_the_perturbation(tiny_cfg):
+    """Averaging with a rank that saw nothing (halving u and w) must change g_T."""
+    engine = MLOEngine(tiny_cfg, 3, total_steps=4)
+    streams = level_streams()
+    engine.step(streams)
+    x1, b2, b3 = next(streams["mae"])[0], next(streams["head"]), next(streams["mask"])
+    alone = engine.hypergradient(x1, b2, b3)[0]
+
+    def halve(tensors):
+        for t in tensors:
+            t.mul_(0.5)
+
+    engine.sync = halve
+    averaged = engine.hypergradient(x1, b2, b3)[0]
+    assert not all(torch.allclose(a, b) for a, b in zip(alone, averaged))
