@@ -104,15 +104,23 @@ class MLOEngine:
         step = self.level_steps[level] if step is None else step
         return warmup_cosine(step, total, warmup, self.base_lr[level], self.cfg.optim.final_lr_fraction)
 
-    def _optimizer_step(self, level: str, params: list[torch.nn.Parameter]) -> float:
+    def last_lr(self, level: str) -> float:
+        """The learning rate of the level's most recent step (its first one before any)."""
+        return self.lr(level, max(self.level_steps[level] - 1, 0))
+
+    def _optimizer_step(self, level: str, params: list[torch.nn.Parameter]) -> None:
         """Average gradients across ranks (``sync``), apply the scheduled lr, step."""
-        grads = [p.grad for p in params if p.grad is not None]
-        self.sync(grads)
-        lr = self.lr(level)
-        set_lr(self.optimizers[level], lr)
+        self.sync([p.grad for p in params if p.grad is not None])
+        set_lr(self.optimizers[level], self.lr(level))
         self.optimizers[level].step()
         self.level_steps[level] += 1
-        return lr
+
+    def _shared_features(self, batch_head: Batch, batch_val: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder pass (with its graph) over a Stage-II and a Stage-III batch."""
+        with self._autocast():
+            both = self.mae.forward_features(torch.cat([batch_head[0], batch_val[0]]))
+        n = len(batch_head[0])
+        return both[:n], both[n:]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.run.precision == "bf16":
@@ -176,8 +184,7 @@ class MLOEngine:
                        features: tuple[torch.Tensor, torch.Tensor] | None, seed: int,
                        ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         cfg = self.cfg.mlo
-        lr_mae = self.lr("mae", max(self.level_steps["mae"] - 1, 0))
-        lr_head = self.lr("head", max(self.level_steps["head"] - 1, 0))
+        lr_mae, lr_head = self.last_lr("mae"), self.last_lr("head")
         if cfg.hypergradient == "exact":
             virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]  # divided out again
             grads, loss_val = exact_hypergradient(
@@ -186,11 +193,7 @@ class MLOEngine:
             with torch.no_grad(), self.head.frozen_statistics():
                 logits = self.head(self.mae.forward_features(batch_val[0]))
             return grads, loss_val, logits
-        if features is None:
-            with self._autocast():
-                both = self.mae.forward_features(torch.cat([batch_head[0], batch_val[0]]))
-            features = (both[: len(batch_head[0])], both[len(batch_head[0]):])
-        f_head, f_val = features
+        f_head, f_val = features if features is not None else self._shared_features(batch_head, batch_val)
         with self._autocast():
             w, loss_val = hyper_direction(self.mae, self.head, f_head, batch_head[1], f_val,
                                           batch_val[1], lr_head, self.sync)
@@ -214,7 +217,8 @@ class MLOEngine:
 
     def step(self, batches: Mapping[str, Iterator[Batch]]) -> StepStats:
         """One iteration. ``batches`` maps 'mae', 'head' (D_tr) and 'mask' (D_val) to endless iterators."""
-        self.mae.train(), self.head.train(), self.masknet.train()
+        for module in (self.mae, self.head, self.masknet):
+            module.train()
         mlo = not self.cfg.mlo.baseline
         losses_mae, entropies = [], []
         for _ in range(self.unroll("mae")):
@@ -232,9 +236,7 @@ class MLOEngine:
             if mlo and j == self.unroll("head") - 1 and self.cfg.mlo.hypergradient == "fd":
                 # Stage II's last batch shares its encoder pass with Stage III's first.
                 batch_val = next(batches["mask"])
-                with self._autocast():
-                    both = self.mae.forward_features(torch.cat([batch_head[0], batch_val[0]]))
-                shared = (both[: len(batch_head[0])], both[len(batch_head[0]):])
+                shared = self._shared_features(batch_head, batch_val)
                 features = shared[0]
             else:
                 with torch.no_grad(), self._autocast():
@@ -249,15 +251,15 @@ class MLOEngine:
                 if batch_val is None or k > 0:
                     batch_val, shared = next(batches["mask"]), None
                 loss_val, top1, norm = self.mask_step(images_mae, batch_head, batch_val, shared)
-                vals.append(loss_val), tops.append(top1), norms.append(norm)
+                vals.append(loss_val)
+                tops.append(top1)
+                norms.append(norm)
             stats.loss_val = sum(vals) / len(vals)
             stats.val_top1 = sum(tops) / len(tops)
             stats.hypergrad_norm = sum(norms) / len(norms)
             stats.mask_entropy = sum(entropies) / len(entropies)
         self.iteration += 1
-        stats.lr_mae = self.lr("mae", self.level_steps["mae"] - 1)
-        stats.lr_head = self.lr("head", self.level_steps["head"] - 1)
-        stats.lr_mask = self.lr("mask", max(self.level_steps["mask"] - 1, 0))
+        stats.lr_mae, stats.lr_head, stats.lr_mask = (self.last_lr(level) for level in LEVELS)
         return stats
 
     # ----- checkpointable state -----
