@@ -115,7 +115,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-        "optim": dict(lr_mae=1e-3, lr_head=1e-3, lr_mask=1e-3, weight_decay_mae=0.05),
+        "optim": dict(lr_mae=3e-4, lr_head=1e-3, lr_mask=1e-3, weight_decay_mae=0.05),
     },
     "small": {
         "model": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
