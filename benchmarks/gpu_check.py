@@ -43,6 +43,11 @@ def _batches(batch: int, img: int, classes: int, seed: int, device: torch.device
         i += 1
 
 
+def _streams(batch: int, img: int) -> dict:
+    """One endless batch stream per level, on the GPU."""
+    return {k: _batches(batch, img, 10, i, torch.device("cuda")) for i, k in enumerate(("mae", "head", "mask"))}
+
+
 def _engine(preset: str, precision: str, batch: int, hypergradient: str = "fd", **model) -> MLOEngine:
     over = {"run.precision": precision, "mlo.hypergradient": hypergradient, "data.batch_mae": batch,
             "data.batch_head": batch, "data.batch_mask": batch}
@@ -54,7 +59,7 @@ def check_fd_vs_exact() -> float:
     small = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                  decoder_depth=1, decoder_num_heads=2)
     fd, ex = _engine("tiny", "fp32", 16, "fd", **small), _engine("tiny", "fp32", 16, "exact", **small)
-    streams = {k: _batches(16, 16, 10, i, torch.device("cuda")) for i, k in enumerate(("mae", "head", "mask"))}
+    streams = _streams(16, 16)
     fd.step(streams)
     ex.load_state_dict(fd.state_dict())
     x1, b2, b3 = next(streams["mae"])[0], next(streams["head"]), next(streams["mask"])
@@ -63,7 +68,7 @@ def check_fd_vs_exact() -> float:
 
 def check_bf16_vs_fp32(batch: int) -> float:
     fp32 = _engine("base-cifar", "fp32", batch)
-    streams = {k: _batches(batch, 32, 10, i, torch.device("cuda")) for i, k in enumerate(("mae", "head", "mask"))}
+    streams = _streams(batch, 32)
     fp32.step(streams)
     state = fp32.state_dict()
     x1, b2, b3 = next(streams["mae"])[0], next(streams["head"]), next(streams["mask"])
@@ -79,9 +84,9 @@ def time_steps(precision: str, batch: int, steps: int, warmup: int = 3) -> dict[
     for mode in ("mae", "mlo"):
         engine = _engine("base-cifar", precision, batch)
         engine.cfg.mlo.baseline = mode == "mae"
-        streams = {k: _batches(batch, 32, 10, i, torch.device("cuda")) for i, k in enumerate(("mae", "head", "mask"))}
+        streams = _streams(batch, 32)
         times = []
-        for i in range(warmup + steps):
+        for _ in range(warmup + steps):
             torch.cuda.synchronize()
             start = time.perf_counter()
             if mode == "mae":
