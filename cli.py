@@ -144,8 +144,11 @@ def _run_pretrain(cfg: config_mod.Config) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-    fit(engine, loaders, cfg.run.log_every, lambda s, p: click.echo(format_progress(s, p)),
-        cfg.run.checkpoint_every, save)
+    try:
+        fit(engine, loaders, cfg.run.log_every, lambda s, p: click.echo(format_progress(s, p)),
+            cfg.run.checkpoint_every, save)
+    except FloatingPointError as err:  # NaN/inf at some level: the last periodic checkpoint stays
+        raise click.ClickException(f"training stopped: {err}") from None
     save()
     if out is not None:
         click.echo(f"checkpoint: {out / 'checkpoint.pt'}")

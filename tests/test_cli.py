@@ -91,3 +91,11 @@ def test_short_pretrain_trains_saves_and_probes(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["run"]["max_steps"] == 3
     again = mlo_mae("pretrain", "--max-steps", "3", "--output", str(out))
     assert_one_line_error(again, "already holds a run")
+
+
+def test_divergence_stops_with_one_line_naming_level_and_step(tmp_path):
+    result = mlo_mae("pretrain", "--max-steps", "2", "--batch-size", "8", "-o", "optim.lr_mae=1e30",
+                     "-o", "optim.warmup_fraction=0", "-o", "run.probe=false", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite Stage-I (reconstruction) loss" in lines[0] and "iteration" in lines[0]
