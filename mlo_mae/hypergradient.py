@@ -132,8 +132,7 @@ def mixed_product_fd(
 ) -> list[torch.Tensor]:
     """g_T = - d2L_I/(dT dE) . w by one central difference at E +- eps*w."""
     device = images.device
-    names = [n for n, _ in mae.encoder_named_parameters()]
-    params = [p for _, p in mae.encoder_named_parameters()]
+    names, params = zip(*mae.encoder_named_parameters())
     w_norm = torch.sqrt(sum((wi.float() ** 2).sum() for wi in w))
     t_params = [p for p in masknet.parameters()]
     if not torch.isfinite(w_norm) or w_norm == 0:
@@ -142,15 +141,15 @@ def mixed_product_fd(
     with _fp32_exactly(device):
         with torch.no_grad():
             tokens = mae.embed_patches(images)  # T's input at the unperturbed E
-        probs = masknet(tokens)
-    mask = top_k_mask(probs, mask_ratio)
-    with torch.no_grad(), _fp32_exactly(device):
-        errors = []
-        for sign in (1.0, -1.0):
-            moved = {n: p + (sign * eps) * wi.to(p.dtype) for n, p, wi in zip(names, params, w)}
-            with seeded(seed, device):
-                errors.append(functional_call(mae, moved, (images, mask.ids_keep, mask.ids_restore)))
-        delta = (errors[0] - errors[1]) / (2.0 * eps)
+        probs = masknet(tokens)  # the only graph built here: T's
+        mask = top_k_mask(probs, mask_ratio)
+        with torch.no_grad():
+            errors = []
+            for sign in (1.0, -1.0):
+                moved = {n: p + (sign * eps) * wi.to(p.dtype) for n, p, wi in zip(names, params, w)}
+                with seeded(seed, device):
+                    errors.append(functional_call(mae, moved, (images, mask.ids_keep, mask.ids_restore)))
+            delta = (errors[0] - errors[1]) / (2.0 * eps)
     surrogate = weighted_reconstruction_loss(delta, mask.mask, probs)
     grads = torch.autograd.grad(surrogate, t_params)
     return [-g for g in grads]
@@ -187,11 +186,11 @@ def exact_hypergradient(
         enc_next.update(dec)
 
         feats_head = functional_call(mae, enc_next, (batch_head[0],))
-        loss_head = F.cross_entropy(functional_call(head, c_params, (feats_head,)), batch_head[1])
+        loss_head = cross_entropy(functional_call(head, c_params, (feats_head,)), batch_head[1])
         grads_c = torch.autograd.grad(loss_head, list(c_params.values()), create_graph=True)
         c_next = {n: p - lr_head * g for (n, p), g in zip(c_params.items(), grads_c)}
 
         feats_val = functional_call(mae, enc_next, (batch_val[0],))
-        loss_val = F.cross_entropy(functional_call(head, c_next, (feats_val,)), batch_val[1])
+        loss_val = cross_entropy(functional_call(head, c_next, (feats_val,)), batch_val[1])
         grads_t = torch.autograd.grad(loss_val, t_params)
     return [g / lr_mae for g in grads_t], loss_val.detach()
