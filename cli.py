@@ -6,17 +6,17 @@ Errors a user can fix (bad flags, config keys, presets, paths) print one line
 
 from __future__ import annotations
 
-import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from mlo_mae import config as config_mod
-from mlo_mae.config import ConfigError, PRESETS
+from mlo_mae.config import PRESETS, ConfigError
 
-DATASETS = ("digits",)
 EXIT_USAGE = 2
 
 
@@ -47,7 +47,8 @@ def cli() -> None:
               help="YAML config file (sections model, mlo, optim, data, run); flags override it.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Model and recipe preset [default: tiny, or the config file's].")
-@click.option("--dataset", default=None, help=_help("Data set: 'digits' is built in.", "data.dataset"))
+@click.option("--dataset", default=None,
+              help=_help("'digits' (built in) or a folder written by 'mlo-mae prepare'.", "data.dataset"))
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Iterations to train (each: Stage-I x unroll, Stage II, Stage III); overrides --epochs.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -97,16 +98,43 @@ def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, 
     _run_pretrain(cfg)
 
 
-def _run_pretrain(cfg: config_mod.Config) -> None:
-    from mlo_mae.checkpoint import save_atomic
-    from mlo_mae.engine import MLOEngine, resolve_device
-    from mlo_mae.loop import fit, format_progress
-    from mlo_mae.probe import extract_features, linear_probe
-    from pipelines.digits import load_digits_splits
-    from pipelines.memory import EndlessLoader
+def digits_cache() -> Path:
+    """Where the built-in digits are prepared once: $MLO_MAE_DATA_DIR, else ~/.cache/mlo-mae."""
+    root = os.environ.get("MLO_MAE_DATA_DIR") or Path.home() / ".cache" / "mlo-mae"
+    return Path(root) / "digits-v1"
 
-    if cfg.data.dataset not in DATASETS:
-        raise UserError(f"unknown dataset '{cfg.data.dataset}' (built in: {', '.join(DATASETS)})")
+
+def open_dataset(name: str):
+    """'digits' (prepared on first use) or a folder written by 'mlo-mae prepare'."""
+    from pipelines.manifest import DatasetError, load_prepared
+
+    try:
+        if name == "digits":
+            path = digits_cache()
+            if not (path / "manifest.json").is_file():
+                from pipelines.prepare import prepare
+
+                click.echo(f"preparing the built-in digits in {path} (once)")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                prepare("digits", path, shard_rows=256, progress=_progress_bar, log=click.echo)
+            return load_prepared(path)
+        return load_prepared(name)
+    except DatasetError as err:
+        raise UserError(f"--dataset: {err}") from None
+
+
+def _progress_bar(phase: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=phase, unit="img", file=sys.stderr, dynamic_ncols=True,
+                disable=None, mininterval=0.5)
+
+
+def _run_pretrain(cfg: config_mod.Config) -> None:
+    from mlo_mae.engine import resolve_device
+    from training.launch import TrainingError, run_pretrain
+    from training.worker import total_iterations
+
     try:
         device = resolve_device(cfg.run.device)
     except ValueError as err:
@@ -116,48 +144,76 @@ def _run_pretrain(cfg: config_mod.Config) -> None:
     out = Path(cfg.run.output) if cfg.run.output else None
     if out is not None and (out / "checkpoint.pt").exists():
         raise UserError(f"'{out}' already holds a run (checkpoint.pt); choose another --output")
-
-    data = load_digits_splits(cfg.model.img_size, cfg.data.split_seed)
-    n_train = len(data.train[0])
-    total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * n_train / (cfg.data.batch_mae * cfg.mlo.unroll_mae)))
-    d = cfg.data
-    try:
-        loaders = {
-            "mae": EndlessLoader(*data.train, d.batch_mae, cfg.run.seed * 3 + 0, device),
-            "head": EndlessLoader(*data.train, d.batch_head, cfg.run.seed * 3 + 1, device),
-            "mask": EndlessLoader(*data.val, d.batch_mask, cfg.run.seed * 3 + 2, device),
-        }
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    engine = MLOEngine(cfg, data.num_classes, total, device)
+    data = open_dataset(cfg.data.dataset)
+    for level, split in (("mae", "train"), ("head", "train"), ("mask", "val")):
+        batch = getattr(cfg.data, f"batch_{level}")
+        if batch > data.count(split):
+            raise UserError(f"data.batch_{level} ({batch}) is larger than the {split} split "
+                            f"({data.count(split)} images) of '{data.root}'")
+    total = total_iterations(cfg, data.count("train"))
     mode = "baseline MAE (random masking)" if cfg.mlo.baseline else f"MLO-MAE ({cfg.mlo.hypergradient} hypergradient)"
-    click.echo(f"{mode} | preset {cfg.preset} | {cfg.data.dataset}: D_tr {n_train}, D_val {len(data.val[0])}, "
-               f"test {len(data.test[0])} | {total} iterations (unroll {cfg.mlo.unroll_mae}/"
-               f"{cfg.mlo.unroll_head}/{cfg.mlo.unroll_mask}) | device {device}")
-
-    def save() -> None:
-        if out is None:
-            return
-        state = {"engine": engine.state_dict(), "data": {k: v.state_dict() for k, v in loaders.items()}}
-        save_atomic(state, out / "checkpoint.pt")
-
+    click.echo(f"{mode} | preset {cfg.preset} | {data.manifest['name']}: D_tr {data.count('train')}, "
+               f"D_val {data.count('val')}, test {data.count('test')} | {total} iterations (unroll "
+               f"{cfg.mlo.unroll_mae}/{cfg.mlo.unroll_head}/{cfg.mlo.unroll_mask}) | device {device}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
+    name = time.strftime("pretrain-%Y%m%d-%H%M%S")
     try:
-        fit(engine, loaders, cfg.run.log_every, lambda s, p: click.echo(format_progress(s, p)),
-            cfg.run.checkpoint_every, save)
-    except FloatingPointError as err:  # NaN/inf at some level: the last periodic checkpoint stays
-        raise click.ClickException(f"training stopped: {err}") from None
-    save()
+        run_pretrain(cfg, data, Path("ray_results"), name, click.echo)
+    except TrainingError as err:
+        raise click.ClickException(str(err)) from None
     if out is not None:
         click.echo(f"checkpoint: {out / 'checkpoint.pt'}")
-    if cfg.run.probe:
-        feats = {name: (extract_features(engine.mae, x), y.cpu())
-                 for name, (x, y) in {"train": data.train, "val": data.val, "test": data.test}.items()}
-        result = linear_probe(feats["train"], feats["val"], feats["test"], data.num_classes)
-        click.echo(f"linear probe (frozen encoder, L2 {result.weight_decay:g} chosen on D_val): "
-                   f"D_val top-1 {100 * result.val_top1:.1f}% | test top-1 {100 * result.test_top1:.1f}%")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--test-source", type=click.Path(path_type=Path), default=None,
+              help="ImageFolder tree of the official test/val split [default: carve 20% of SOURCE].")
+@click.option("--seed", type=int, default=0, help="Seed of the stratified split and of the row order.")
+@click.option("--labels", "cifar_labels", type=click.Choice(["fine", "coarse"]), default="fine",
+              help="CIFAR-100 label set: 100 fine or 20 coarse classes.")
+@click.option("--shard-size-mb", type=click.FloatRange(min=0, min_open=True), default=128.0,
+              help="Target size of one Parquet shard.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=None,
+              help="Rows per shard instead of a size target.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Processes that decode and write [default: all cores].")
+@click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), default="skip",
+              help="skip: leave unreadable inputs out and list them in the manifest; fail: stop at the first.")
+def prepare(source: str, out: Path, test_source: Path | None, seed: int, cifar_labels: str,
+            shard_size_mb: float, shard_rows: int | None, jobs: int | None, on_bad_image: str) -> None:
+    """Turn SOURCE into Parquet shards in OUT with the fixed train/val/test splits.
+
+    SOURCE is 'digits' (built in), an ImageFolder tree (one folder per class,
+    as ImageNet's train set), or CIFAR-10/100 'python' archives
+    (cifar-10-python.tar.gz, cifar-100-python.tar.gz, or their extracted
+    folders). Splits: test = the official one (CIFAR, --test-source) or 20%
+    carved per class; val (D_val) = 20% of the rest per class; train (D_tr)
+    the remaining 80%. OUT gets train/, val/, test/ and manifest.json.
+    """
+    from pipelines.prepare import PrepareError
+    from pipelines.prepare import prepare as run_prepare
+
+    started = time.perf_counter()
+    try:
+        manifest = run_prepare(source, out, test_source=test_source, seed=seed, cifar_labels=cifar_labels,
+                               shard_mb=shard_size_mb, shard_rows=shard_rows, jobs=jobs,
+                               on_bad_image=on_bad_image, progress=_progress_bar, log=click.echo)
+    except PrepareError as err:
+        raise UserError(str(err)) from None
+    counts = manifest["counts"]
+    skipped = manifest["skipped"]
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped["by_reason"].items())
+    click.echo(f"{out}: {len(manifest['classes'])} classes | train {counts['train']['total']}, "
+               f"val {counts['val']['total']}, test {counts['test']['total']} | "
+               f"{len(manifest['shards'])} shards | skipped {skipped['total']}"
+               f"{f' ({reasons})' if reasons else ''} | {time.perf_counter() - started:.1f}s")
+    if manifest["empty_classes"]:
+        click.echo(f"warning: class folders with no usable image: {', '.join(manifest['empty_classes'])}",
+                   err=True)
 
 
 def _fail(message: str, code: int) -> None:

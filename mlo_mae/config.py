@@ -71,11 +71,13 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
+    """Where the images come from and how each level batches them."""
+
+    dataset: str = "digits"  # 'digits' (built in) or a folder written by 'mlo-mae prepare'
+    augment: str = "auto"  # rrc | pad-crop | none; auto: rrc from 96 px up, else pad-crop
     batch_mae: int = 32  # Stage I batch (D_tr)
     batch_head: int = 32  # Stage II batch (D_tr)
     batch_mask: int = 32  # Stage III batch (D_val)
-    split_seed: int = 0  # the fixed D_tr / D_val / test split
 
 
 @dataclass
@@ -86,6 +88,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     log_every: int = 10
+    threads: int = 0  # torch threads per training worker; 0: this machine's cores / workers
     checkpoint_every: int = 0  # iterations; 0: only at the end
     output: str | None = None  # checkpoint folder; None: no checkpoints
     probe: bool = True  # linear probe on the test split at the end
@@ -144,6 +147,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mlo.hypergradient": ("fd", "exact"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.precision": ("fp32", "bf16"),
+    "data.augment": ("auto", "rrc", "pad-crop", "none"),
 }
 
 
@@ -323,6 +327,8 @@ def validate(cfg: Config) -> None:
     for key in ("batch_head", "batch_mask"):
         if getattr(d, key) < 2:
             raise ConfigError(f"'data.{key}' must be at least 2 (the head normalises over the batch)")
+    if r.threads < 0:
+        raise ConfigError(f"'run.threads' must be 0 (automatic) or more, got {r.threads}")
     if r.max_steps is not None and r.max_steps <= 0:
         raise ConfigError(f"'run.max_steps' must be positive, got {r.max_steps}")
     if not 0.0 <= o.warmup_fraction < 1.0:

@@ -33,7 +33,7 @@ def assert_one_line_error(result, needle):
     (["pretrain", "-o", "optim.lr_maee=1e-3"], "unknown config key 'optim.lr_maee'"),
     (["pretrain", "-o", "mlo.unroll_mae"], "must look like section.key=value"),
     (["pretrain", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
-    (["pretrain", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["pretrain", "--dataset", "imagenet"], "--dataset: 'imagenet' is not a prepared data set"),
     (["pretrain", "--precision", "bf16", "--device", "cpu"], "bf16 needs a CUDA device"),
     (["pretraim"], "No such command 'pretraim'"),
 ])

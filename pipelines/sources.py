@@ -1,0 +1,257 @@
+"""Where labelled images come from: an ImageFolder tree, a CIFAR python archive, or the built-in digits.
+
+A source lists its items (a reference, a label, which split the source itself
+assigns) and reads one item at a time, so that nothing holds a whole image
+collection in memory. File references are paths relative to the tree's root.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .images import Inspection, inspect_bytes, inspect_pixels
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Item:
+    ref: str  # readable identity: a relative path (non-UTF-8 bytes escaped) or "train/123"
+    label: int
+    official_test: bool = False  # the source's own held-out split
+
+
+def display_path(path: Path | str) -> str:
+    """A path as valid UTF-8 text for manifests and Parquet, whatever bytes the file system holds."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+class ImageFolderSource:
+    """ImageNet's train layout: ``root/<class>/<image>``; class index = position in sorted class names.
+
+    ``test_root`` (optional) has the same layout and supplies the official test split.
+    Hidden files and folders (".DS_Store", "._x.jpg") are counted as skipped, not read.
+    """
+
+    kind = "imagefolder"
+
+    def __init__(self, root: Path, test_root: Path | None = None) -> None:
+        self.root, self.test_root = Path(root), Path(test_root) if test_root else None
+        for where, flag in ((self.root, "SOURCE"), (self.test_root, "--test-source")):
+            if where is not None and not where.is_dir():
+                raise SourceError(f"{flag} '{where}' is not a folder")
+        self.class_names = self._classes(self.root)
+        if not self.class_names:
+            raise SourceError(f"'{self.root}' holds no class folders (expected ROOT/<class>/<image files>)")
+        self._index = {name: i for i, name in enumerate(self.class_names)}
+        self._paths: dict[str, Path] = {}
+        self.hidden: list[str] = []  # refs of hidden files, reported as skipped
+        self.unknown_class: list[str] = []  # test-tree files whose class the train tree lacks
+
+    @staticmethod
+    def _classes(root: Path) -> list[str]:
+        return sorted(display_path(p.name) for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _walk(self, root: Path, prefix: str, official_test: bool) -> Iterator[Item]:
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            name = display_path(class_dir.name)
+            files = sorted(f for f in class_dir.rglob("*") if f.is_file() or f.is_symlink())
+            for f in files:
+                ref = prefix + display_path(f.relative_to(root))
+                if any(part.startswith(".") for part in f.relative_to(class_dir).parts):
+                    self.hidden.append(ref)
+                    continue
+                if name not in self._index:
+                    self.unknown_class.append(ref)
+                    continue
+                self._paths[ref] = f
+                yield Item(ref, self._index[name], official_test)
+
+    def items(self) -> Iterator[Item]:
+        if self.test_root is not None:  # first, so that train copies of test images count as duplicates
+            yield from self._walk(self.test_root, "test:", True)
+        yield from self._walk(self.root, "", False)
+
+    def empty_classes(self) -> list[str]:
+        counts = {name: 0 for name in self.class_names}
+        for ref in self._paths:
+            if not ref.startswith("test:"):
+                counts[ref.split("/", 1)[0]] += 1
+        return [name for name, n in counts.items() if n == 0]
+
+    def read(self, item: Item) -> Inspection:
+        return inspect_file(self._paths[item.ref])
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.root.resolve()),
+                "test_path": str(self.test_root.resolve()) if self.test_root else None}
+
+
+def inspect_file(path: Path) -> Inspection:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return Inspection("skipped", f"unreadable ({err.strerror or err})")
+    return inspect_bytes(data)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles: allow the numpy array constructors and nothing else (no code)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # bytes, in protocol-2 pickles
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+class CifarSource:
+    """``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` or their extracted folders, read locally.
+
+    The official test batch is the test split. CIFAR-100 takes ``label_kind`` fine (100) or coarse (20).
+    """
+
+    kind = "cifar"
+    LAYOUTS = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                    "batches.meta"),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "meta"),
+    }
+
+    def __init__(self, path: Path, label_kind: str = "fine") -> None:
+        self.path = Path(path)
+        self.label_kind = label_kind
+        raw = self._read_all()
+        self.variant = next((v for v, (folder, *_rest) in self.LAYOUTS.items()
+                             if any(m.startswith(folder + "/") for m in raw)), None)
+        if self.variant is None:
+            raise SourceError(f"'{self.path}' is not a CIFAR-10/100 python archive "
+                              "(expected cifar-10-batches-py/ or cifar-100-python/ inside)")
+        folder, train, test, meta = self.LAYOUTS[self.variant]
+        meta_dict = self._unpickle(raw, f"{folder}/{meta}")
+        names_key = b"label_names" if self.variant == "cifar10" else f"{label_kind}_label_names".encode()
+        labels_key = b"labels" if self.variant == "cifar10" else f"{label_kind}_labels".encode()
+        try:
+            self.class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta_dict[names_key]]
+        except KeyError:
+            raise SourceError(f"'{self.path}': {folder}/{meta} lacks {names_key.decode()}") from None
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for split, names in (("train", train), ("test", test)):
+            batches = [self._unpickle(raw, f"{folder}/{n}") for n in names]
+            try:
+                data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+                labels = np.concatenate([np.asarray(b[labels_key], dtype=np.int64) for b in batches])
+            except KeyError as err:
+                raise SourceError(f"'{self.path}': a {split} batch lacks key {err.args[0]!r}") from None
+            if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+                raise SourceError(f"'{self.path}': {split} data has shape {data.shape}, expected (N, 3072) "
+                                  f"with one label per row")
+            if labels.size and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+                raise SourceError(f"'{self.path}': {split} labels outside 0..{len(self.class_names) - 1}")
+            self._arrays[split] = (data, labels)
+
+    def _read_all(self) -> dict[str, bytes]:
+        """Every small member at once: one pass through a .tar.gz instead of one per batch."""
+        if self.path.is_dir():
+            return {display_path(p.relative_to(self.path)): p.read_bytes()
+                    for p in self.path.rglob("*") if p.is_file()}
+        try:
+            with tarfile.open(self.path) as tar:
+                out = {}
+                for member in tar:
+                    f = tar.extractfile(member) if member.isfile() else None
+                    if f is not None:
+                        out[member.name.removeprefix("./")] = f.read()
+                return out
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise SourceError(f"'{self.path}' is neither a folder nor a readable tar archive "
+                              f"({' '.join(str(err).split())})") from None
+
+    def _unpickle(self, raw: dict[str, bytes], member: str) -> dict:
+        if member not in raw:
+            raise SourceError(f"'{self.path}' lacks {member}")
+        try:
+            return _NumpyOnlyUnpickler(io.BytesIO(raw[member]), encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            raise SourceError(f"'{self.path}': cannot read {member} ({err})") from None
+
+    def items(self) -> Iterator[Item]:
+        for split in ("test", "train"):
+            labels = self._arrays[split][1]
+            for i, label in enumerate(labels.tolist()):
+                yield Item(f"{split}/{i}", int(label), split == "test")
+
+    def read(self, item: Item) -> Inspection:
+        split, i = item.ref.split("/")
+        row = self._arrays[split][0][int(i)]
+        return inspect_pixels(np.ascontiguousarray(row.reshape(3, 32, 32).transpose(1, 2, 0)))
+
+    def empty_classes(self) -> list[str]:
+        present = set(self._arrays["train"][1].tolist())
+        return [n for i, n in enumerate(self.class_names) if i not in present]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "variant": self.variant, "path": str(self.path.resolve()),
+                "labels": self.label_kind if self.variant == "cifar100" else "fine"}
+
+
+class DigitsSource:
+    """scikit-learn's 1,797 8x8 digits, upsampled (bilinear) to 32x32 RGB once, at preparation."""
+
+    kind = "digits"
+    SIZE = 32
+
+    def __init__(self) -> None:
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        self.class_names = [str(d) for d in range(10)]
+        self._labels = np.asarray(bunch.target, dtype=np.int64)
+        grey = (np.asarray(bunch.images, dtype=np.float64) / 16.0 * 255.0).round().astype(np.uint8)
+        big = [np.asarray(Image.fromarray(g).resize((self.SIZE, self.SIZE), Image.BILINEAR)) for g in grey]
+        self._pixels = np.repeat(np.stack(big)[..., None], 3, axis=3)
+
+    def items(self) -> Iterator[Item]:
+        for i, label in enumerate(self._labels.tolist()):
+            yield Item(f"digits/{i}", int(label))
+
+    def read(self, item: Item) -> Inspection:
+        return inspect_pixels(self._pixels[int(item.ref.split("/")[1])])
+
+    def empty_classes(self) -> list[str]:
+        return []
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": "sklearn.datasets.load_digits", "hflip_preserves_label": False}
+
+
+def open_source(source: str, test_source: Path | None = None, cifar_labels: str = "fine"):
+    """``digits``, a CIFAR archive/folder, or an ImageFolder tree, told apart by what is on disk."""
+    if source == "digits":
+        if test_source is not None:
+            raise SourceError("--test-source applies to ImageFolder trees only")
+        return DigitsSource()
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"SOURCE '{source}' does not exist (expected 'digits', an ImageFolder tree "
+                          "or a CIFAR python archive)")
+    looks_cifar = path.is_file() or any((path / d).is_dir() for d in ("cifar-10-batches-py", "cifar-100-python"))
+    if looks_cifar:
+        if test_source is not None:
+            raise SourceError("--test-source applies to ImageFolder trees only; CIFAR ships its own test batch")
+        return CifarSource(path, cifar_labels)
+    return ImageFolderSource(path, test_source)
