@@ -132,8 +132,9 @@ def _progress_bar(phase: str, total: int):
 
 def _run_pretrain(cfg: config_mod.Config) -> None:
     from mlo_mae.engine import resolve_device
+    from pipelines.streams import LEVELS
     from training.launch import TrainingError, run_pretrain
-    from training.worker import total_iterations
+    from training.worker import batch_size, total_iterations
 
     try:
         device = resolve_device(cfg.run.device)
@@ -145,8 +146,8 @@ def _run_pretrain(cfg: config_mod.Config) -> None:
     if out is not None and (out / "checkpoint.pt").exists():
         raise UserError(f"'{out}' already holds a run (checkpoint.pt); choose another --output")
     data = open_dataset(cfg.data.dataset)
-    for level, split in (("mae", "train"), ("head", "train"), ("mask", "val")):
-        batch = getattr(cfg.data, f"batch_{level}")
+    for level, (split, _) in LEVELS.items():
+        batch = batch_size(cfg, level)
         if batch > data.count(split):
             raise UserError(f"data.batch_{level} ({batch}) is larger than the {split} split "
                             f"({data.count(split)} images) of '{data.root}'")

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .images import Inspection, inspect_bytes
-from .manifest import FORMAT, MANIFEST, DatasetError, sha256_file
-from .sources import ImageFolderSource, Item, SourceError, open_source
+from .manifest import FORMAT, MANIFEST, sha256_file
+from .sources import Item, SourceError, inspect_file, open_source
 from .splits import SPLITS, TEST_FRACTION, VAL_FRACTION, assign_splits, rank_key
 
 DEFAULT_SHARD_MB = 128
@@ -59,8 +59,6 @@ class _Row:
 
 
 def _meta_only(path: Path) -> Inspection:
-    from .sources import inspect_file
-
     return dataclasses.replace(inspect_file(path), payload=None)
 
 
@@ -98,8 +96,8 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
 
 def _inspect_all(source, items: list[Item], jobs: int, progress: Progress) -> list[Inspection]:
     with progress("inspecting", len(items)) as bar:
-        if isinstance(source, ImageFolderSource) and jobs > 1 and len(items) > 256:
-            paths = [source._paths[it.ref] for it in items]
+        if source.on_disk and jobs > 1 and len(items) > 256:
+            paths = [source.file_of(it) for it in items]
             ctx = multiprocessing.get_context("spawn")
             out = []
             with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
@@ -219,16 +217,14 @@ def prepare(source_arg: str, out: Path, *, test_source: Path | None = None, seed
 
 
 def _where(source, item: Item) -> str:
-    path = getattr(source, "_paths", {}).get(item.ref)
-    return f"'{path}'" if path is not None else f"'{item.ref}'"
+    return f"'{source.file_of(item)}'" if source.on_disk else f"'{item.ref}'"
 
 
 def _shard_args(source, shard: list[_Row], path: Path, first_id: int) -> tuple:
     """Arguments of ``_write_shard``: file paths for trees (re-read in the task), bytes for in-memory sources."""
-    in_tree = isinstance(source, ImageFolderSource)
     return (str(path), [r.item.ref for r in shard],
-            [str(source._paths[r.item.ref]) if in_tree else None for r in shard],
-            [None if in_tree else source.read(r.item).payload for r in shard],
+            [str(source.file_of(r.item)) if source.on_disk else None for r in shard],
+            [None if source.on_disk else source.read(r.item).payload for r in shard],
             [r.item.label for r in shard], list(range(first_id, first_id + len(shard))),
             [r.ins.digest for r in shard], [(r.ins.width, r.ins.height) for r in shard])
 
@@ -244,7 +240,7 @@ def _write_splits(source, rows: list[_Row], tmp: Path, seed: int, shard_bytes: i
             plan.append((split, f"{split}/part-{k:05d}.parquet", shard, first_id))
             first_id += len(shard)
     with progress("writing shards", len(rows)) as bar:
-        if jobs > 1 and len(plan) > 1 and isinstance(source, ImageFolderSource):
+        if jobs > 1 and len(plan) > 1 and source.on_disk:
             with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = [pool.submit(_write_shard, *_shard_args(source, shard, tmp / file, first))
                            for _, file, shard, first in plan]
@@ -296,4 +292,4 @@ def _manifest(source, desc: dict, fingerprint: dict, rows: list[_Row], skipped: 
     }
 
 
-__all__ = ["DEFAULT_SHARD_MB", "DatasetError", "PrepareError", "prepare"]
+__all__ = ["DEFAULT_SHARD_MB", "PrepareError", "prepare"]

@@ -35,13 +35,11 @@ def configure_data_context() -> None:
     ctx.use_datasource_v2 = False
 
 
-def level_dataset(data: PreparedDataset, spec: StreamSpec, cpus_per_task: float = 1.0,
-                  batch_rows: int = MAP_BATCH_ROWS) -> ray.data.Dataset:
+def level_dataset(data: PreparedDataset, spec: StreamSpec) -> ray.data.Dataset:
     """One level's stream: the split's shards in a per-epoch shuffled order, decoded and augmented."""
-    ds = ray.data.read_parquet(data.files(spec.split), columns=["image", "label", "id"], num_cpus=cpus_per_task,
+    ds = ray.data.read_parquet(data.files(spec.split), columns=["image", "label", "id"],
                                shuffle=ray.data.FileShuffleConfig(seed=spec.seed))
-    return ds.map_batches(decode_for_ray, fn_kwargs=spec.transform_kwargs(), batch_size=batch_rows,
-                          num_cpus=cpus_per_task)
+    return ds.map_batches(decode_for_ray, fn_kwargs=spec.transform_kwargs(), batch_size=MAP_BATCH_ROWS)
 
 
 class EndlessStream(Iterator):
@@ -55,10 +53,9 @@ class EndlessStream(Iterator):
 
     _END = object()
 
-    def __init__(self, shard, batch_size: int, seed: int, depth: int = 8,
-                 shuffle_buffer: int | None = None) -> None:
+    def __init__(self, shard, batch_size: int, seed: int, depth: int = 8) -> None:
         self._shard, self._batch_size, self._seed = shard, batch_size, seed
-        self._buffer = shuffle_buffer if shuffle_buffer is not None else max(8 * batch_size, 256)
+        self._buffer = max(8 * batch_size, 256)  # rows of the local shuffle buffer
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="level-stream", daemon=True)

@@ -44,6 +44,7 @@ class ImageFolderSource:
     """
 
     kind = "imagefolder"
+    on_disk = True  # items are files: re-read (in parallel) when shards are written
 
     def __init__(self, root: Path, test_root: Path | None = None) -> None:
         self.root, self.test_root = Path(root), Path(test_root) if test_root else None
@@ -89,8 +90,11 @@ class ImageFolderSource:
                 counts[ref.split("/", 1)[0]] += 1
         return [name for name, n in counts.items() if n == 0]
 
+    def file_of(self, item: Item) -> Path:
+        return self._paths[item.ref]
+
     def read(self, item: Item) -> Inspection:
-        return inspect_file(self._paths[item.ref])
+        return inspect_file(self.file_of(item))
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.root.resolve()),
@@ -125,6 +129,7 @@ class CifarSource:
     """
 
     kind = "cifar"
+    on_disk = False
     LAYOUTS = {
         "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                     "batches.meta"),
@@ -212,6 +217,7 @@ class DigitsSource:
     """scikit-learn's 1,797 8x8 digits, upsampled (bilinear) to 32x32 RGB once, at preparation."""
 
     kind = "digits"
+    on_disk = False
     SIZE = 32
 
     def __init__(self) -> None:

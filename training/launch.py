@@ -23,15 +23,12 @@ class TrainingError(RuntimeError):
     """Training stopped; the message is one line for the user (details in Ray's logs)."""
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray() -> None:
+    """A local cluster sized to this machine (joining an existing one comes with --address)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    else:
+    if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR",
                  include_dashboard=False)
 

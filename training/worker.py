@@ -32,7 +32,7 @@ def total_iterations(cfg: config_mod.Config, train_rows: int) -> int:
     return max(1, math.ceil(cfg.run.epochs * train_rows / (cfg.data.batch_mae * cfg.mlo.unroll_mae)))
 
 
-def _batch_size(cfg: config_mod.Config, level: str) -> int:
+def batch_size(cfg: config_mod.Config, level: str) -> int:
     return getattr(cfg.data, f"batch_{level}")
 
 
@@ -74,7 +74,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
     total = total_iterations(cfg, data.count("train"))
     specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed)
     norm = Normalizer(data.mean, data.std, device)
-    raw = {level: EndlessStream(ray.train.get_dataset_shard(level), _batch_size(cfg, level), specs[level].seed)
+    raw = {level: EndlessStream(ray.train.get_dataset_shard(level), batch_size(cfg, level), specs[level].seed)
            for level in LEVELS}
     streams = {level: normalized(stream, norm) for level, stream in raw.items()}
     engine = MLOEngine(cfg, data.num_classes, total, device)
