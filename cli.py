@@ -63,8 +63,6 @@ def cli() -> None:
 @click.option("--hypergradient", type=click.Choice(["fd", "exact"]), default=None,
               help=_help("fd: one finite difference; exact: double backward (small models).",
                          "mlo.hypergradient"))
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for checkpoint.pt and config.yaml [default: no checkpoints].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help=_help("Where to train; auto picks CUDA when present.", "run.device"))
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
@@ -72,30 +70,80 @@ def cli() -> None:
 @click.option("--set", "-o", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. -o optim.lr_mask=3e-4 (repeatable).")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Data-parallel Ray Train workers (each: its share of every batch) [default: 1].")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs Ray reserves per worker [default: (cluster CPUs - 1) / workers, at least 0.5, "
+                   "so that Ray Data keeps a CPU].")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs per worker [default: 1 if the device is cuda, or auto on a cluster with GPUs; else 0].")
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="Join the Ray cluster at this address (e.g. auto, or ray://head:10001) "
+                   "[default: $RAY_ADDRESS, else start a local cluster sized to this machine].")
+@click.option("--storage-path", default="ray_results",
+              help="Where runs keep checkpoints (Ray Train storage). Multi-node runs need storage every node "
+                   "sees: NFS or s3://...")
+@click.option("--name", default=None, help="Run name, a folder under --storage-path [default: pretrain-DATE-TIME].")
+@click.option("--resume", "resume_name", default=None, metavar="NAME",
+              help="Continue run NAME from its last checkpoint, with its saved config and workers.")
 def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, max_steps: int | None,
              epochs: float | None, batch_size: int | None, seed: int | None, baseline: bool | None,
-             mask_ratio: float | None, hypergradient: str | None, output: Path | None, device: str | None,
-             precision: str | None, overrides: tuple[str, ...], print_config: bool) -> None:
+             mask_ratio: float | None, hypergradient: str | None, device: str | None,
+             precision: str | None, overrides: tuple[str, ...], print_config: bool, workers: int | None,
+             cpus_per_worker: float | None, gpus_per_worker: float | None, address: str | None,
+             storage_path: str, name: str | None, resume_name: str | None) -> None:
     """Pretrain E, D, C and T with MLO-MAE (or plain MAE with --baseline).
 
     With no arguments: the tiny preset on the built-in digits, a few minutes on
     2 CPU cores, then a linear probe of the encoder on the held-out test split.
+    With --workers N, Ray Train runs N data-parallel workers (CPU or GPU, here
+    or on the cluster at --address); checkpoints go to --storage-path/NAME and a
+    run restarts from the last one by itself when a worker dies.
     """
     flat: dict[str, Any] = dict(config_mod.parse_override(o) for o in overrides)
     flags = {
         "data.dataset": dataset, "run.max_steps": max_steps, "run.epochs": epochs, "run.seed": seed,
         "mlo.baseline": baseline, "mlo.mask_ratio": mask_ratio, "mlo.hypergradient": hypergradient,
-        "run.output": str(output) if output is not None else None, "run.device": device,
-        "run.precision": precision,
+        "run.device": device, "run.precision": precision,
     }
     if batch_size is not None:
         flags.update({"data.batch_mae": batch_size, "data.batch_head": batch_size, "data.batch_mask": batch_size})
     flat.update({k: v for k, v in flags.items() if v is not None})
+    if resume_name is not None:
+        given = sorted(k for k in flat) + (["--config"] if config_file else []) + (["--preset"] if preset else [])
+        if given or print_config or name:
+            raise UserError(f"--resume continues a run with its saved settings; drop {', '.join(given) or '--name'}")
+        _resume(resume_name, storage_path, workers, cpus_per_worker, gpus_per_worker, address)
+        return
     cfg = config_mod.resolve(config_file, preset, flat)
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
         return
-    _run_pretrain(cfg)
+    from training.launch import Launch
+
+    launch = Launch(name=name or time.strftime("pretrain-%Y%m%d-%H%M%S"), storage_path=storage_path,
+                    workers=workers or 1, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                    address=address)
+    _run_pretrain(cfg, launch, resume=False)
+
+
+def _resume(name: str, storage_path: str, workers: int | None, cpus_per_worker: float | None,
+            gpus_per_worker: float | None, address: str | None) -> None:
+    from training.launch import Launch, read_run, storage_uri
+
+    settings = read_run(storage_path, name)
+    if settings is None:
+        raise UserError(f"--resume: no run '{name}' in '{storage_uri(storage_path)}' (see --storage-path)")
+    if workers is not None and workers != settings["workers"]:
+        raise UserError(f"--workers {workers}: run '{name}' was started with {settings['workers']} workers and "
+                        "its data order depends on that; resume with the same number")
+    try:
+        cfg = config_mod.from_dict(settings["config"])
+    except ConfigError as err:
+        raise UserError(f"run '{name}': {err}") from None
+    launch = Launch(name=name, storage_path=storage_path, workers=settings["workers"],
+                    cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, address=address)
+    _run_pretrain(cfg, launch, resume=True)
 
 
 def digits_cache() -> Path:
@@ -130,42 +178,60 @@ def _progress_bar(phase: str, total: int):
                 disable=None, mininterval=0.5)
 
 
-def _run_pretrain(cfg: config_mod.Config) -> None:
+def _run_pretrain(cfg: config_mod.Config, launch, resume: bool) -> None:
+    from mlo_mae.config import lr_scale
     from mlo_mae.engine import resolve_device
     from pipelines.streams import LEVELS
-    from training.launch import TrainingError, run_pretrain
+    from training.launch import TrainingError, TrainingInterrupted, read_run, run_pretrain, storage_uri, write_run
     from training.worker import batch_size, total_iterations
 
     try:
-        device = resolve_device(cfg.run.device)
+        device = resolve_device(cfg.run.device) if launch.address is None else None
     except ValueError as err:
         raise UserError(str(err)) from None
-    if cfg.run.precision == "bf16" and device.type != "cuda":
-        raise UserError("--precision bf16 needs a CUDA device; use fp32 on CPU")
-    out = Path(cfg.run.output) if cfg.run.output else None
-    if out is not None and (out / "checkpoint.pt").exists():
-        raise UserError(f"'{out}' already holds a run (checkpoint.pt); choose another --output")
+    if cfg.run.precision == "bf16" and cfg.run.device != "cuda" and (device is None or device.type != "cuda"):
+        raise UserError("--precision bf16 needs a CUDA device; use fp32 on CPU (or --device cuda on a GPU cluster)")
+    if not resume and read_run(launch.storage_path, launch.name) is not None:
+        raise UserError(f"--name: run '{launch.name}' already exists in '{storage_uri(launch.storage_path)}'; "
+                        f"continue it with --resume {launch.name} or choose another name")
     data = open_dataset(cfg.data.dataset)
+    n = launch.workers
     for level, (split, _) in LEVELS.items():
         batch = batch_size(cfg, level)
-        if batch > data.count(split):
-            raise UserError(f"data.batch_{level} ({batch}) is larger than the {split} split "
+        if batch * n > data.count(split):
+            raise UserError(f"data.batch_{level} ({batch}) x {n} worker(s) is larger than the {split} split "
                             f"({data.count(split)} images) of '{data.root}'")
     total = total_iterations(cfg, data.count("train"))
     mode = "baseline MAE (random masking)" if cfg.mlo.baseline else f"MLO-MAE ({cfg.mlo.hypergradient} hypergradient)"
     click.echo(f"{mode} | preset {cfg.preset} | {data.manifest['name']}: D_tr {data.count('train')}, "
                f"D_val {data.count('val')}, test {data.count('test')} | {total} iterations (unroll "
-               f"{cfg.mlo.unroll_mae}/{cfg.mlo.unroll_head}/{cfg.mlo.unroll_mask}) | device {device}")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-    name = time.strftime("pretrain-%Y%m%d-%H%M%S")
+               f"{cfg.mlo.unroll_mae}/{cfg.mlo.unroll_head}/{cfg.mlo.unroll_mask}) | device "
+               f"{device if device is not None else cfg.run.device}")
+    o, scale = cfg.optim, lr_scale(cfg.optim.lr_scaling, n)
+    click.echo(f"{n} worker(s) | global batch {n * cfg.data.batch_mae} (= {n} x {cfg.data.batch_mae} per worker) | "
+               f"lr scaling '{o.lr_scaling}' x{scale:g}: lr_mae {o.lr_mae * scale:.3g}, lr_head "
+               f"{o.lr_head * scale:.3g}, lr_mask {o.lr_mask * scale:.3g}")
+    click.echo(f"run '{launch.name}' in {storage_uri(launch.storage_path)}"
+               + (" (resuming from its last checkpoint)" if resume else ""))
+    if not resume:
+        write_run(launch.storage_path, launch.name, {"config": cfg.to_dict(), "dataset": str(data.root.resolve()),
+                                                    "workers": n})
     try:
-        run_pretrain(cfg, data, Path("ray_results"), name, click.echo)
+        metrics = run_pretrain(cfg, data, launch, click.echo)
+    except TrainingInterrupted:
+        click.echo(f"interrupted; the checkpoints are kept: continue with 'mlo-mae pretrain --resume "
+                   f"{launch.name}'" + (f" --storage-path {launch.storage_path}"
+                                        if launch.storage_path != "ray_results" else ""), err=True)
+        sys.exit(130)
     except TrainingError as err:
         raise click.ClickException(str(err)) from None
-    if out is not None:
-        click.echo(f"checkpoint: {out / 'checkpoint.pt'}")
+    digests = metrics.get("replica_digests") or []
+    if len(digests) > 1:
+        same = "identical" if metrics.get("replicas_identical") else "DIFFERENT"
+        click.echo(f"{len(digests)} replicas {same}: " + "; ".join(
+            f"rank {r} " + ", ".join(f"{k} {v}" for k, v in d.items()) for r, d in enumerate(digests)))
+    if "checkpoint" in metrics:
+        click.echo(f"final checkpoint: {metrics['checkpoint']}")
 
 
 @cli.command()

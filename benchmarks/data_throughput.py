@@ -85,12 +85,14 @@ def stream(path: Path, size: int, images: int, reader: str, workers: int = 0) ->
             time.sleep(0.5)
 
     if reader == "ray":
-        from pipelines.ray_data import EndlessStream, configure_data_context, level_dataset
+        from pipelines.plan import RankPlan, list_chunks
+        from pipelines.ray_data import LevelStream, configure_data_context
         from training.launch import init_ray
 
         init_ray()
         configure_data_context()
-        it = EndlessStream(level_dataset(data, spec).iterator(), batch, seed=0)
+        plan = RankPlan(list_chunks(data.files(spec.split), 1), spec.seed, 0, 1, window_rows=4 * batch)
+        it = LevelStream(plan, spec, batch, 0, images // batch + 8)
         next_batch = lambda: next(it)  # noqa: E731
     else:
         from pipelines.torch_data import loader

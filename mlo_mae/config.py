@@ -67,6 +67,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_fraction: float = 0.05
     final_lr_fraction: float = 0.0
+    # The lrs above are for one worker's batch; with N workers (global batch N x batch) they are
+    # multiplied by N (linear, the MAE/Goyal et al. rule), sqrt(N), or left as they are (none).
+    lr_scaling: str = "linear"
 
 
 @dataclass
@@ -89,8 +92,9 @@ class RunConfig:
     precision: str = "fp32"
     log_every: int = 10
     threads: int = 0  # torch threads per training worker; 0: this machine's cores / workers
-    checkpoint_every: int = 0  # iterations; 0: only at the end
-    output: str | None = None  # checkpoint folder; None: no checkpoints
+    checkpoint_every: int = 50  # iterations between checkpoints (and at the end); 0: only at the end
+    keep_checkpoints: int = 2  # the last K checkpoints are kept
+    max_failures: int = 2  # restarts from the last checkpoint after a worker dies; -1: no limit
     probe: bool = True  # linear probe on the test split at the end
 
 
@@ -148,6 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.precision": ("fp32", "bf16"),
     "data.augment": ("auto", "rrc", "pad-crop", "none"),
+    "optim.lr_scaling": ("linear", "sqrt", "none"),
 }
 
 
@@ -327,6 +332,12 @@ def validate(cfg: Config) -> None:
     for key in ("batch_head", "batch_mask"):
         if getattr(d, key) < 2:
             raise ConfigError(f"'data.{key}' must be at least 2 (the head normalises over the batch)")
+    if r.checkpoint_every < 0:
+        raise ConfigError(f"'run.checkpoint_every' must be 0 (only at the end) or more, got {r.checkpoint_every}")
+    if r.keep_checkpoints < 1:
+        raise ConfigError(f"'run.keep_checkpoints' must be at least 1, got {r.keep_checkpoints}")
+    if r.max_failures < -1:
+        raise ConfigError(f"'run.max_failures' must be -1 (no limit) or more, got {r.max_failures}")
     if r.threads < 0:
         raise ConfigError(f"'run.threads' must be 0 (automatic) or more, got {r.threads}")
     if r.max_steps is not None and r.max_steps <= 0:
@@ -335,6 +346,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'optim.warmup_fraction' must be in [0, 1), got {o.warmup_fraction}")
     if not 0.0 <= o.final_lr_fraction <= 1.0:
         raise ConfigError(f"'optim.final_lr_fraction' must be in [0, 1], got {o.final_lr_fraction}")
+
+
+def lr_scale(rule: str, workers: int) -> float:
+    """The factor ``optim.lr_scaling`` applies to every level's lr for ``workers`` data-parallel workers."""
+    return {"linear": float(workers), "sqrt": workers ** 0.5, "none": 1.0}[rule]
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

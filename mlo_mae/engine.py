@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .config import Config, from_dict
+from .config import Config, from_dict, lr_scale
 from .factory import create_models
 from .hypergradient import (Sync, cross_entropy, exact_hypergradient, hyper_direction, mixed_product_fd,
                             no_sync, seeded)
@@ -66,8 +66,9 @@ class MLOEngine:
 
     def __init__(self, cfg: Config, num_classes: int, total_steps: int,
                  device: torch.device | str = "cpu", sync: Sync = no_sync,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
+        self.rank = rank
         self.num_classes = num_classes
         self.total_steps = total_steps
         self.device = torch.device(device)
@@ -85,7 +86,8 @@ class MLOEngine:
             "head": build_adamw(self.head, o.lr_head, o.weight_decay_head, o.betas),
             "mask": build_adamw(self.masknet, o.lr_mask, o.weight_decay_mask, o.betas),
         }
-        self.base_lr = {"mae": o.lr_mae, "head": o.lr_head, "mask": o.lr_mask}
+        scale = lr_scale(o.lr_scaling, world_size)  # lrs are given for one worker's batch
+        self.base_lr = {"mae": o.lr_mae * scale, "head": o.lr_head * scale, "mask": o.lr_mask * scale}
         self.iteration = 0
         self.level_steps = {level: 0 for level in LEVELS}
 
@@ -108,12 +110,25 @@ class MLOEngine:
         """The learning rate of the level's most recent step (its first one before any)."""
         return self.lr(level, max(self.level_steps[level] - 1, 0))
 
-    def _optimizer_step(self, level: str, params: list[torch.nn.Parameter]) -> None:
-        """Average gradients across ranks (``sync``), apply the scheduled lr, step."""
-        self.sync([p.grad for p in params if p.grad is not None])
+    def _optimizer_step(self, level: str, module: torch.nn.Module, loss: torch.Tensor, name: str) -> float:
+        """Average loss, gradients and BatchNorm running statistics over ranks (``sync``), check, step.
+
+        The loss travels with the gradients, so every rank sees a NaN or inf on
+        any rank and all of them stop at the same step, before a bad update.
+        Running statistics (the head's) are averaged so that replicas stay
+        identical in every tensor, not only in their parameters.
+        """
+        loss = loss.detach().float().reshape(1).clone()
+        stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 for b in (m.running_mean, m.running_var) if b is not None]
+        self.sync([loss] + [p.grad for p in module.parameters() if p.grad is not None] + stats)
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"non-finite {name} loss ({value}) at iteration {self.iteration}")
         set_lr(self.optimizers[level], self.lr(level))
         self.optimizers[level].step()
         self.level_steps[level] += 1
+        return value
 
     def _shared_features(self, batch_head: Batch, batch_val: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder pass (with its graph) over a Stage-II and a Stage-III batch."""
@@ -126,12 +141,6 @@ class MLOEngine:
         if self.cfg.run.precision == "bf16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def _check(self, value: torch.Tensor, level: str) -> float:
-        out = float(value)
-        if not math.isfinite(out):
-            raise NonFiniteLossError(f"non-finite {level} loss ({out}) at iteration {self.iteration}")
-        return out
 
     # ----- the three stages -----
     def mae_step(self, images: torch.Tensor) -> tuple[float, float | None]:
@@ -153,9 +162,7 @@ class MLOEngine:
             loss = weighted_reconstruction_loss(errors, mask.mask, probs)
         self.optimizers["mae"].zero_grad(set_to_none=True)
         loss.backward()
-        value = self._check(loss.detach(), "Stage-I (reconstruction)")
-        self._optimizer_step("mae", list(self.mae.parameters()))
-        return value, entropy
+        return self._optimizer_step("mae", self.mae, loss, "Stage-I (reconstruction)"), entropy
 
     def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """One Stage-II step on C, on encoder features of whole D_tr images (E is fixed here)."""
@@ -163,9 +170,7 @@ class MLOEngine:
             loss = cross_entropy(self.head(features.detach()), labels)
         self.optimizers["head"].zero_grad(set_to_none=True)
         loss.backward()
-        value = self._check(loss.detach(), "Stage-II (classification)")
-        self._optimizer_step("head", list(self.head.parameters()))
-        return value
+        return self._optimizer_step("head", self.head, loss, "Stage-II (classification)")
 
     def hypergradient(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
                       features: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -206,17 +211,26 @@ class MLOEngine:
                   features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float, float]:
         """One Stage-III step on T; returns L_val, D_val top-1 of the batch and ||g_T||."""
         grads, loss_val, logits = self.hypergradient(images_mae, batch_head, batch_val, features)
-        value = self._check(loss_val, "Stage-III (validation)")
         params = list(self.masknet.parameters())
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
-        norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
-        self._optimizer_step("mask", params)
+        value = self._optimizer_step("mask", self.masknet, loss_val, "Stage-III (validation)")
+        norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)))  # of the averaged g_T
         top1 = float((logits.argmax(-1) == batch_val[1]).float().mean())
         return value, top1, norm
 
     def step(self, batches: Mapping[str, Iterator[Batch]]) -> StepStats:
-        """One iteration. ``batches`` maps 'mae', 'head' (D_tr) and 'mask' (D_val) to endless iterators."""
+        """One iteration. ``batches`` maps 'mae', 'head' (D_tr) and 'mask' (D_val) to endless iterators.
+
+        The step's randomness (baseline masks, dropout) is seeded from (seed, rank,
+        iteration): a resumed or restarted run draws what the uninterrupted one drew,
+        whatever happened to the process-wide generator in between.
+        """
+        seed = (self.cfg.run.seed * 1_000_033 + self.rank * 7_919 + self.iteration) % 2**62
+        with seeded(seed, self.device):
+            return self._step(batches)
+
+    def _step(self, batches: Mapping[str, Iterator[Batch]]) -> StepStats:
         for module in (self.mae, self.head, self.masknet):
             module.train()
         mlo = not self.cfg.mlo.baseline

@@ -32,7 +32,7 @@ from .sources import Item, SourceError, inspect_file, open_source
 from .splits import SPLITS, TEST_FRACTION, VAL_FRACTION, assign_splits, rank_key
 
 DEFAULT_SHARD_MB = 128
-ROW_GROUP_ROWS = 1024
+ROW_GROUP_ROWS = 128  # a chunk of the streaming plan (pipelines.plan)
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),  # encoded bytes: the original file, or lossless PNG when converted

@@ -1,9 +1,11 @@
-"""The Ray Data path: shards -> ``read_parquet`` -> decode/augment in ``map_batches`` -> training workers.
+"""The Ray Data path: a rank's planned chunks -> read + decode/augment in Ray tasks -> the training worker.
 
-Each level gets its own Dataset (Ray Train splits every one of them across
-the workers with ``get_dataset_shard``). Nothing is materialised: blocks
-stream through the object store under Ray Data's backpressure, so memory is
-bounded by the pipeline's in-flight blocks, not by the size of the data set.
+Each training worker builds, for each level, one Dataset over the chunks its
+plan (``pipelines.plan``) deals it for the rest of the run. Ray Data runs the
+reads and the decoding as tasks across the cluster and streams the blocks
+back in plan order under its backpressure; nothing is materialised, so memory
+is bounded by the in-flight blocks, not by the data set. The worker shuffles
+each window and cuts batches.
 """
 
 from __future__ import annotations
@@ -11,55 +13,92 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow.parquet as pq
 import ray
 import ray.data
+import torch
 
-from .manifest import PreparedDataset
+from .plan import RankPlan
 from .streams import StreamSpec
-from .transforms import decode_for_ray
+from .transforms import transform_batch
 
-MAP_BATCH_ROWS = 64  # rows per decode task batch: small enough to keep blocks light for 224 px images
+COLUMNS = ["image", "label", "id"]
+SEGMENT_CHUNKS = 4096  # chunks per Dataset: long runs are read as a chain of Datasets of this size
 
 
 def configure_data_context() -> None:
-    """Deterministic order for a given seed, and no progress bars fighting the training log."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-read size estimates at INFO
+    """Blocks in submission order (the plan's order), and no progress bars fighting the training log."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # The V2 Parquet reader lists files through actors that are started and killed on every
-    # execution (every epoch): on a small machine that churn costs more than the decoding.
-    ctx.use_datasource_v2 = False
 
 
-def level_dataset(data: PreparedDataset, spec: StreamSpec) -> ray.data.Dataset:
-    """One level's stream: the split's shards in a per-epoch shuffled order, decoded and augmented."""
-    ds = ray.data.read_parquet(data.files(spec.split), columns=["image", "label", "id"],
-                               shuffle=ray.data.FileShuffleConfig(seed=spec.seed))
-    return ds.map_batches(decode_for_ray, fn_kwargs=spec.transform_kwargs(), batch_size=MAP_BATCH_ROWS)
+def read_chunks(items: dict[str, np.ndarray], *, size: int, train: bool, mode: str, hflip: bool,
+                seed: int) -> dict[str, np.ndarray]:
+    """``map_batches`` body: read each item's row-group slice and decode it for its epoch."""
+    parts = []
+    for file, group, start, stop, epoch in zip(items["file"], items["group"], items["start"], items["stop"],
+                                               items["epoch"]):
+        table = pq.ParquetFile(file).read_row_group(int(group), columns=COLUMNS).slice(int(start),
+                                                                                      int(stop) - int(start))
+        rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS}
+        parts.append(transform_batch(rows, size=size, train=train, mode=mode, hflip=hflip, seed=seed,
+                                     epoch=int(epoch)))
+    return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
 
 
-class EndlessStream(Iterator):
-    """(uint8 images, labels) from a DataIterator, epoch after epoch, read ahead by a background thread.
+class LevelStream(Iterator):
+    """(uint8 images, labels) batches of one rank's plan, from batch ``start_batch`` to ``stop_batch``.
 
-    Starting each epoch's execution takes Ray Data seconds; without read-ahead a
-    small split (D_val of a few hundred images) would stall training at every
-    epoch boundary. The thread keeps up to ``depth`` batches ready, across
-    boundaries. Ragged tails are dropped; errors reach the consumer.
+    A background thread keeps up to ``depth`` batches ready. The Datasets cover
+    exactly the windows needed, each up to ``SEGMENT_CHUNKS`` chunks, so one
+    Ray Data execution serves many epochs and epoch boundaries cost nothing.
+    Errors reach the consumer.
     """
 
     _END = object()
 
-    def __init__(self, shard, batch_size: int, seed: int, depth: int = 8) -> None:
-        self._shard, self._batch_size, self._seed = shard, batch_size, seed
-        self._buffer = max(8 * batch_size, 256)  # rows of the local shuffle buffer
+    def __init__(self, plan: RankPlan, spec: StreamSpec, batch_size: int, start_batch: int, stop_batch: int,
+                 depth: int = 8) -> None:
+        self.plan, self.spec, self.batch_size = plan, spec, batch_size
+        self.start_batch, self.stop_batch = start_batch, stop_batch
+        self.wait_s = 0.0  # time the consumer spent blocked on data
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="level-stream", daemon=True)
         self._thread.start()
+
+    def _windows(self) -> tuple[list, int]:
+        """The windows covering batches [start_batch, stop_batch), and the rows to skip in the first."""
+        windows, skip = self.plan.start(self.start_batch * self.batch_size)
+        needed = (self.stop_batch - self.start_batch) * self.batch_size + skip
+        out = []
+        for window in windows:
+            if needed <= 0:
+                break
+            out.append(window)
+            needed -= window.rows
+        return out, skip
+
+    def datasets(self) -> Iterator[ray.data.Dataset]:
+        """The Datasets that read the windows of ``_windows()`` in order."""
+        windows, _ = self._windows()
+        items = [{"file": c.file, "group": c.group, "start": c.start, "stop": c.stop, "epoch": w.epoch}
+                 for w in windows for c in w.chunks]
+        for first in range(0, len(items), SEGMENT_CHUNKS):
+            part = items[first:first + SEGMENT_CHUNKS]
+            ds = ray.data.from_items(part, override_num_blocks=len(part))
+            yield ds.map_batches(read_chunks, fn_kwargs=self.spec.transform_kwargs(), batch_size=1)
+
+    def _blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        for ds in self.datasets():
+            yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -71,31 +110,86 @@ class EndlessStream(Iterator):
         return False
 
     def _produce(self) -> None:
-        import torch
-
-        epoch = 0
         try:
-            while not self._stop.is_set():
-                drawn = 0
-                for batch in self._shard.iter_torch_batches(
-                        batch_size=self._batch_size, drop_last=True, local_shuffle_buffer_size=self._buffer,
-                        local_shuffle_seed=(self._seed * 100_003 + epoch) % 2**32, prefetch_batches=2,
-                        dtypes={"image": torch.uint8, "label": torch.int64, "id": torch.int64}):
-                    drawn += 1
-                    if not self._put((batch["image"], batch["label"])):
+            windows, skip = self._windows()
+            blocks = self._blocks()
+            pending = _Rows()  # rows of the current window, in chunk order
+            ready = _Rows()  # shuffled rows waiting to be batched
+            remaining = self.stop_batch - self.start_batch
+            for window in windows:
+                while len(pending) < window.rows:
+                    pending.add(next(blocks))
+                rows = pending.take(window.rows).permuted(self.plan.order(window))
+                ready.extend(rows.drop(skip))
+                skip = 0
+                while len(ready) >= self.batch_size and remaining > 0:
+                    batch = ready.take(self.batch_size)
+                    if not self._put((batch.images, batch.labels)):
                         return
-                if drawn == 0:
-                    raise ValueError(f"a stream yielded no batch of {self._batch_size}: the split (per "
-                                     "worker) is smaller than the batch size")
-                epoch += 1
+                    remaining -= 1
+            if remaining:
+                raise RuntimeError(f"the {self.spec.split} stream ended {remaining} batches early")
+            self._put((self._END, StopIteration()))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             self._put((self._END, err))
 
     def __next__(self):
+        started = time.perf_counter()
         item = self._queue.get()
+        self.wait_s += time.perf_counter() - started
         if item[0] is self._END:
             raise item[1]
-        return item
+        images, labels = item
+        return torch.from_numpy(images), torch.from_numpy(labels)
 
     def close(self) -> None:
         self._stop.set()
+
+
+class _Rows:
+    """A growing list of decoded rows (image uint8 N x 3 x S x S, label) with cheap take/extend."""
+
+    def __init__(self, images: np.ndarray | None = None, labels: np.ndarray | None = None) -> None:
+        self._images = [] if images is None else [images]
+        self._labels = [] if labels is None else [labels]
+        self._n = 0 if images is None else len(images)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, block: dict[str, np.ndarray]) -> None:
+        self._images.append(block["image"])
+        self._labels.append(block["label"])
+        self._n += len(block["label"])
+
+    def extend(self, other: "_Rows") -> None:
+        self._images += other._images
+        self._labels += other._labels
+        self._n += other._n
+
+    def _joined(self) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._images) != 1:
+            self._images, self._labels = [np.concatenate(self._images)], [np.concatenate(self._labels)]
+        return self._images[0], self._labels[0]
+
+    def take(self, n: int) -> "_Rows":
+        images, labels = self._joined()
+        head = _Rows(images[:n], labels[:n])
+        self._images, self._labels, self._n = [images[n:]], [labels[n:]], self._n - n
+        return head
+
+    def drop(self, n: int) -> "_Rows":
+        images, labels = self._joined()
+        return _Rows(images[n:], labels[n:])
+
+    def permuted(self, order: np.ndarray) -> "_Rows":
+        images, labels = self._joined()
+        return _Rows(images[order], labels[order])
+
+    @property
+    def images(self) -> np.ndarray:
+        return np.ascontiguousarray(self._joined()[0])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.ascontiguousarray(self._joined()[1])

@@ -68,29 +68,39 @@ def test_print_config_round_trips_into_config(tmp_path):
 
 
 def test_help_shows_defaults():
-    out = mlo_mae("pretrain", "--help").stdout
-    assert "--workers" not in out  # not promised before the distributed issue
-    for text in ("default 0.75", "default fd", "default auto", "--print-config"):
-        assert text in out
+    out = " ".join(mlo_mae("pretrain", "--help").stdout.split())
+    for text in ("default 0.75", "default fd", "default auto", "--print-config", "--workers", "[default: 1]",
+                 "--cpus-per-worker", "--gpus-per-worker", "--address", "$RAY_ADDRESS", "--storage-path",
+                 "[default: ray_results]", "NFS or s3://", "--name", "--resume NAME"):
+        assert text in out, text
 
 
 def test_short_pretrain_trains_saves_and_probes(tmp_path):
-    out = tmp_path / "run"
     result = mlo_mae("pretrain", "--max-steps", "3", "--batch-size", "16", "-o", "run.log_every=1",
-                     "--output", str(out))
+                     "--name", "short", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any(line.startswith("step 3/3 | L_I ") and "L_III" in line and "ETA" in line for line in lines)
+    assert ("1 worker(s) | global batch 16 (= 1 x 16 per worker) | lr scaling 'linear' x1: lr_mae 0.0003, "
+            "lr_head 0.001, lr_mask 0.001") in lines
+    assert any(line.startswith("step 3/3 | L_I ") and "L_III" in line and "ETA" in line and "img/s" in line
+               for line in lines)
     probe = [line for line in lines if line.startswith("linear probe")]
     assert len(probe) == 1 and "test top-1" in probe[0]
     test_top1 = float(probe[0].rsplit("test top-1 ", 1)[1].rstrip("%"))
     assert test_top1 > 30.0  # 10 classes: chance is 10%
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    run_dir = tmp_path / "ray_results" / "short"
+    final = Path(result.stdout.rsplit("final checkpoint: ", 1)[1].strip())
+    assert final.parent == run_dir
+    state = torch.load(final / "state.pt", weights_only=True)
     assert state["engine"]["iteration"] == 3
     assert state["engine"]["level_steps"] == {"mae": 6, "head": 3, "mask": 3}
-    assert yaml.safe_load((out / "config.yaml").read_text())["run"]["max_steps"] == 3
-    again = mlo_mae("pretrain", "--max-steps", "3", "--output", str(out))
-    assert_one_line_error(again, "already holds a run")
+    assert yaml.safe_load((run_dir / "mlo-mae-run.yaml").read_text())["config"]["run"]["max_steps"] == 3
+    again = mlo_mae("pretrain", "--max-steps", "3", "--name", "short", cwd=tmp_path)
+    assert_one_line_error(again, "run 'short' already exists")
+    missing = mlo_mae("pretrain", "--resume", "nothing", cwd=tmp_path)
+    assert_one_line_error(missing, "--resume: no run 'nothing'")
+    mixed = mlo_mae("pretrain", "--resume", "short", "--seed", "3", cwd=tmp_path)
+    assert_one_line_error(mixed, "--resume continues a run with its saved settings; drop run.seed")
 
 
 def test_divergence_stops_with_one_line_naming_level_and_step(tmp_path):

@@ -136,7 +136,7 @@ def test_exact_mode_runs_inside_the_engine(tiny_cfg):
 
 
 def test_sync_hook_sees_every_gradient_before_it_is_used(tiny_cfg):
-    """The data-parallel hook: u, w and each level's gradients pass through ``sync``
+    """The data-parallel hook: u, w and each level's loss + gradients pass through ``sync``
     (in this order within an iteration), so ranks can average them in place."""
     calls = []
 
@@ -145,12 +145,13 @@ def test_sync_hook_sees_every_gradient_before_it_is_used(tiny_cfg):
 
     engine = MLOEngine(tiny_cfg, 3, total_steps=1, sync=record)
     engine.step(level_streams())
+    loss = [(1,)]
     shapes = {
-        "mae": [tuple(p.shape) for p in engine.mae.parameters()],
-        "head": [tuple(p.shape) for p in engine.head.parameters()],
+        "mae": loss + [tuple(p.shape) for p in engine.mae.parameters()],
+        "head": loss + [tuple(p.shape) for p in engine.head.parameters()] + [(engine.head.norm.num_features,)] * 2,
         "u": [tuple(p.shape) for p in engine.head.parameters()],
         "w": [tuple(p.shape) for _, p in engine.mae.encoder_named_parameters()],
-        "mask": [tuple(p.shape) for p in engine.masknet.parameters()],
+        "mask": loss + [tuple(p.shape) for p in engine.masknet.parameters()],
     }
     assert calls == [shapes["mae"], shapes["mae"], shapes["head"], shapes["u"], shapes["w"], shapes["mask"]]
 

@@ -95,32 +95,38 @@ def ray_local():
     ray.shutdown()
 
 
-def test_ray_data_stream_is_endless_deterministic_and_matches_the_torch_reader(data, ray_local):
-    from pipelines.ray_data import EndlessStream, configure_data_context, level_dataset
+def test_ray_data_streams_deal_each_epoch_once_resume_exactly_and_match_the_torch_reader(data, ray_local):
+    """Two ranks' eval-decoded D_val streams: together they read every row once per epoch, each
+    image exactly as the PyTorch reader decodes it; a stream restarted at batch k continues the
+    original one batch for batch; the order follows the seed."""
+    from pipelines.plan import RankPlan, list_chunks
+    from pipelines.ray_data import LevelStream, configure_data_context
 
     configure_data_context()
-    specs = level_specs(data, 16, "pad-crop", seed=0)
+    spec = level_specs(data, 16, "pad-crop", seed=0)["mask"]
     n_val = data.count("val")
-
-    def first_labels(n_batches: int) -> list[int]:
-        stream = EndlessStream(level_dataset(data, specs["mask"]).iterator(), batch_size=5, seed=1)
-        out = [next(stream) for _ in range(n_batches)]
-        stream.close()
-        assert all(x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16) for x, _ in out)
-        return torch.cat([y for _, y in out]).tolist()
-
-    n = 3 * (n_val // 5)  # three epochs: the stream restarts by itself
-    a = first_labels(n)
-    assert first_labels(n) == a  # same seed, same order
-    epoch = a[: 5 * (n_val // 5)]
-    per_class = np.bincount(epoch, minlength=data.num_classes)
-    expected = np.array([data.manifest["counts"]["val"]["per_class"][c] for c in data.class_names])
-    assert (per_class <= expected).all() and expected.sum() - per_class.sum() < 5  # one pass, ragged tail
-
-    # Eval decoding through Ray Data and through the PyTorch reader agree image for image.
-    ray_rows = {int(r["id"]): r["image"] for r in level_dataset(data, specs["mask"]).take_all()}
-    assert sorted(ray_rows) == list(range(n_val))
     ids = [i for f in data.files("val") for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
-    images = torch.cat([x for x, _ in loader(data, specs["mask"], batch_size=64, shuffle=False, drop_last=False)])
-    for k in range(n_val):
-        assert np.array_equal(ray_rows[ids[k]], images[k].numpy())
+    images = torch.cat([x for x, _ in loader(data, spec, batch_size=64, shuffle=False, drop_last=False)])
+    id_of = {images[k].numpy().tobytes(): ids[k] for k in range(n_val)}
+    assert len(id_of) == n_val  # every image distinct, so an image names its row
+
+    def plan(rank: int, seed: int = spec.seed) -> RankPlan:
+        return RankPlan(list_chunks(data.files("val"), 2), seed, rank, 2, window_rows=12)
+
+    def rows(rank: int, start: int, stop: int, seed: int = spec.seed) -> list[int]:
+        stream = LevelStream(plan(rank, seed), spec, batch_size=3, start_batch=start, stop_batch=stop)
+        batches = list(stream)
+        assert len(batches) == stop - start
+        assert all(x.dtype == torch.uint8 and x.shape == (3, 3, 16, 16) for x, _ in batches)
+        return [id_of[img.numpy().tobytes()] for x, _ in batches for img in x]
+
+    epoch_rows = [sum(w.rows for w in plan(r).windows(0)) for r in (0, 1)]
+    assert sum(epoch_rows) == n_val and abs(epoch_rows[0] - epoch_rows[1]) <= 2 * max(
+        c.rows for c in list_chunks(data.files("val"), 2))
+    streams = [rows(r, 0, (epoch_rows[r] + n_val) // 3) for r in (0, 1)]  # more than two epochs each
+    first_epoch = streams[0][:epoch_rows[0]] + streams[1][:epoch_rows[1]]
+    assert sorted(first_epoch) == list(range(n_val))
+    second = streams[0][epoch_rows[0]:epoch_rows[0] + 10]
+    assert second != streams[0][:10]  # a new epoch, a new order
+    assert rows(0, 5, 9) == streams[0][15:27]  # resumed mid-epoch at batch 5
+    assert rows(0, 0, 4, seed=spec.seed + 1) != streams[0][:12]

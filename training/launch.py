@@ -1,4 +1,10 @@
-"""The driver side of ``mlo-mae pretrain``: start or join Ray, build the level datasets, run the TorchTrainer.
+"""The driver side of ``mlo-mae pretrain``: start or join Ray, run the TorchTrainer, relay progress.
+
+A run lives in ``STORAGE/NAME`` (Ray Train's layout: ``checkpoint_*`` folders
+plus Ray's own state) with ``mlo-mae-run.yaml`` beside them: the resolved
+config, the data set and the number of workers. Running a TorchTrainer again
+with the same storage path and name is how Ray Train V2 resumes; ``--resume``
+does exactly that with the saved settings.
 
 Worker output is not forwarded line by line (Ray's own actors are chatty);
 rank 0 sends its progress through a small queue actor and the driver prints it.
@@ -11,26 +17,76 @@ import queue
 import re
 import threading
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
+
+import pyarrow.fs
+import yaml
 
 from mlo_mae import config as config_mod
 from pipelines.manifest import PreparedDataset
-from pipelines.streams import LEVELS, level_specs
+
+RUN_FILE = "mlo-mae-run.yaml"
 
 
 class TrainingError(RuntimeError):
     """Training stopped; the message is one line for the user (details in Ray's logs)."""
 
 
-def init_ray() -> None:
-    """A local cluster sized to this machine (joining an existing one comes with --address)."""
+class TrainingInterrupted(RuntimeError):
+    """The user stopped the run (Ctrl-C); its checkpoints are kept for ``--resume``."""
+
+
+@dataclass
+class Launch:
+    """Where and how wide a run goes; not part of the training config (it does not change the maths
+    except through ``workers``, which is saved with the run)."""
+
+    name: str
+    storage_path: str = "ray_results"
+    workers: int = 1
+    cpus_per_worker: float | None = None  # None: leave one CPU of the cluster to Ray Data
+    gpus_per_worker: float | None = None  # None: 1 when the config asks for CUDA (or auto and the cluster has GPUs)
+    address: str | None = None  # None: start a local cluster sized to this machine
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster at ``address`` or start a local one sized to this machine."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR",
-                 include_dashboard=False)
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    else:
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR", include_dashboard=False)
+
+
+def storage_uri(path: str) -> str:
+    """A local path made absolute (Ray needs that); URIs such as s3://... pass through."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
+
+
+def read_run(storage_path: str, name: str) -> dict[str, Any] | None:
+    """The saved settings of run ``name``, or None if there is no such run."""
+    fs, root = _filesystem(storage_uri(storage_path))
+    path = f"{root}/{name}/{RUN_FILE}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as handle:
+        return yaml.safe_load(handle.read().decode())
+
+
+def write_run(storage_path: str, name: str, settings: dict[str, Any]) -> None:
+    fs, root = _filesystem(storage_uri(storage_path))
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    with fs.open_output_stream(f"{root}/{name}/{RUN_FILE}") as handle:
+        handle.write(yaml.safe_dump(settings, sort_keys=False).encode())
 
 
 def _last_error_line(err: BaseException) -> str:
@@ -40,40 +96,46 @@ def _last_error_line(err: BaseException) -> str:
     return (found[-1] if found else " ".join(str(err).split()))[:300]
 
 
-def _threads(cfg: config_mod.Config, workers: int) -> int:
-    return cfg.run.threads or max(1, (os.cpu_count() or 1) // workers)
+def resources(cfg: config_mod.Config, launch: Launch) -> tuple[bool, dict[str, float]]:
+    """(use_gpu, resources per worker) for this cluster."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = launch.gpus_per_worker
+    if gpus is None:
+        wants_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and cluster.get("GPU", 0) > 0)
+        gpus = 1.0 if wants_cuda else 0.0
+    # A worker takes less than all the CPUs: Ray Data's read and decode tasks need CPUs of their own,
+    # or a small machine deadlocks (the workers would hold every CPU).
+    cpus = launch.cpus_per_worker or max(0.5, (cluster.get("CPU", 1) - 1) / launch.workers)
+    return gpus > 0, {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
 
 
-def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, storage_path: Path, name: str,
-                 echo: Callable[[str], None], workers: int = 1) -> dict[str, Any]:
-    """Train to the end; returns the final metrics that rank 0 reported."""
+def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
+                 echo: Callable[[str], None]) -> dict[str, Any]:
+    """Train to the end (or continue run ``launch.name``); returns rank 0's final metrics and checkpoint."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    from pipelines.ray_data import configure_data_context, level_dataset
-
     from .worker import train_loop_per_worker
 
-    init_ray()
-    configure_data_context()
-    specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed)
-    datasets = {level: level_dataset(data, specs[level]) for level in LEVELS}
-    use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    # A worker takes less than a whole CPU: Ray Data's read and decode tasks need CPUs of their own,
-    # or a small machine deadlocks (the workers would hold every CPU).
-    cpus = max(0.5, (ray.cluster_resources().get("CPU", 1) - 1) / workers)
+    init_ray(launch.address)
+    use_gpu, per_worker = resources(cfg, launch)
     progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "dataset_path": str(data.root.resolve()),
-                           "threads": _threads(cfg, workers), "progress": progress,
-                           "output": str(Path(cfg.run.output).resolve()) if cfg.run.output else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage_path.resolve())),
-        datasets=datasets,
+        train_loop_config={"config": cfg.to_dict(), "dataset_path": str(data.root.resolve()), "progress": progress,
+                           "run_dir": f"{storage_uri(launch.storage_path)}/{launch.name}",
+                           # fault injection for tests: level:batch:rank gets NaN images
+                           "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN")},
+        scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=launch.name, storage_path=storage_uri(launch.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
     )
     outcome: dict[str, Any] = {}
 
@@ -86,19 +148,29 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, storage_path: Pa
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
     failure, metrics = None, {}
-    while thread.is_alive() or not progress.empty():
-        try:
-            kind, text = progress.get(timeout=0.5)
-        except (Empty, queue.Empty):
-            continue
-        if kind == "error":
-            failure = text
-        elif kind == "metrics":
-            metrics = text
-        else:
-            echo(text)
+    try:
+        while thread.is_alive() or not progress.empty():
+            try:
+                kind, text = progress.get(timeout=0.5)
+            except (Empty, queue.Empty):
+                continue
+            if kind == "error":
+                failure = text
+            elif kind == "metrics":
+                metrics = text
+            else:
+                echo(text)
+    except KeyboardInterrupt:
+        ray.shutdown()  # stops the controller and the workers; the checkpoints stay in storage
+        thread.join(timeout=60)  # fit() fails fast once disconnected; exiting under it can crash
+        raise TrainingInterrupted(launch.name) from None
     thread.join()
     if "error" in outcome:
         raise TrainingError(failure or f"training failed: {_last_error_line(outcome['error'])} "
                                        "(full traceback in the Ray logs, /tmp/ray/session_latest/logs)")
+    if failure:
+        raise TrainingError(failure)
+    result = outcome["result"]
+    if result.checkpoint is not None:
+        metrics["checkpoint"] = result.checkpoint.path
     return metrics

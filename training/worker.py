@@ -1,7 +1,11 @@
-"""What each Ray Train worker runs: the engine fed by its shard of the three level streams.
+"""What each Ray Train worker runs: the engine, data-parallel, fed by its plan of the three level streams.
 
-Rank 0 alone prints progress (through a queue to the driver), writes
-checkpoints and runs the final linear probe.
+Every rank trains on its own rows and averages with the others through
+``mlo_mae.distributed.allreduce_mean`` (see ``MLOEngine._optimizer_step`` and
+``hypergradient.hyper_direction`` for what is averaged and why). Ray Train's
+protocol: ``get_checkpoint()`` on start, ``report(metrics, checkpoint)`` from
+every rank at the same steps, the checkpoint written by rank 0 only. Rank 0
+alone prints progress (through a queue to the driver) and runs the final probe.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -16,13 +21,21 @@ import ray.train
 import torch
 
 from mlo_mae import config as config_mod
-from mlo_mae.checkpoint import save_atomic
-from mlo_mae.engine import MLOEngine, resolve_device
+from mlo_mae.distributed import allreduce_mean, gather_objects, module_digest
+from mlo_mae.engine import MLOEngine, NonFiniteLossError, resolve_device
+from mlo_mae.hypergradient import no_sync
 from mlo_mae.loop import fit, format_progress
 from mlo_mae.probe import extract_features, linear_probe
-from pipelines.manifest import load_prepared
-from pipelines.ray_data import EndlessStream
+from pipelines.manifest import PreparedDataset, load_prepared
+from pipelines.plan import RankPlan, list_chunks
+from pipelines.ray_data import LevelStream, configure_data_context
 from pipelines.streams import LEVELS, Normalizer, level_specs, normalized
+
+from . import checkpoints
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that this run cannot continue from (the message says why)."""
 
 
 def total_iterations(cfg: config_mod.Config, train_rows: int) -> int:
@@ -33,7 +46,13 @@ def total_iterations(cfg: config_mod.Config, train_rows: int) -> int:
 
 
 def batch_size(cfg: config_mod.Config, level: str) -> int:
+    """Per worker; the global batch is this times the number of workers."""
     return getattr(cfg.data, f"batch_{level}")
+
+
+def window_rows(batch: int) -> int:
+    """Rows shuffled together in a stream: a few batches' worth (memory: 3 levels x this x image)."""
+    return max(4 * batch, 512)
 
 
 def _features(mae, data, spec, norm: Normalizer, batch_size: int = 256):
@@ -56,55 +75,133 @@ def probe_encoder(mae, data, cfg: config_mod.Config, norm: Normalizer):
     return linear_probe(feats["train"], feats["val"], feats["test"], data.num_classes)
 
 
+def data_position(engine: MLOEngine, cfg: config_mod.Config, world: int) -> dict[str, Any]:
+    """Where each level's stream stands: batches drawn (the same on every rank) and the plan's shape."""
+    return {"world_size": world, "seed": cfg.run.seed,
+            "levels": {level: {"batches": engine.level_steps[level], "batch_size": batch_size(cfg, level)}
+                       for level in LEVELS}}
+
+
+def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str) -> bool:
+    """Load the run's latest checkpoint into ``engine``, if there is one; check it fits this run."""
+    checkpoint = checkpoints.latest(run_dir)
+    if checkpoint is None:
+        return False
+    state = checkpoints.load(checkpoint)
+    saved = state["data"]
+    if saved["world_size"] != world:
+        raise ResumeError(f"the checkpoint was written by {saved['world_size']} workers; resume with "
+                          f"--workers {saved['world_size']} (the data plan depends on it)")
+    if state["engine"]["config"] != cfg.to_dict():
+        raise ResumeError("the checkpoint's config differs from this run's")
+    engine.load_state_dict(state["engine"])
+    return True
+
+
+def _streams(engine: MLOEngine, data: PreparedDataset, cfg: config_mod.Config, rank: int, world: int):
+    """Each level's rank-local stream, from the batch the engine reached to the last one the run needs."""
+    specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed)
+    streams = {}
+    for level in LEVELS:
+        if level == "mask" and cfg.mlo.baseline:
+            continue  # plain MAE has no Stage III
+        spec, batch = specs[level], batch_size(cfg, level)
+        plan = RankPlan(list_chunks(data.files(spec.split), world), spec.seed, rank, world, window_rows(batch))
+        streams[level] = LevelStream(plan, spec, batch, engine.level_steps[level], engine.level_total(level))
+    return streams
+
+
+def _inject_nan(spec: str | None, streams: dict, rank: int, first: dict[str, int]) -> None:
+    """Fault injection for tests: ``level:batch:rank`` turns that batch's images into NaN."""
+    if not spec:
+        return
+    level, index, target = spec.split(":")
+    if int(target) != rank or level not in streams:
+        return
+
+    def poisoned(stream, drawn):
+        for images, labels in stream:
+            yield (torch.full_like(images, float("nan")) if drawn == int(index) else images), labels
+            drawn += 1
+
+    streams[level] = poisoned(streams[level], first[level])
+
+
 def train_loop_per_worker(params: dict[str, Any]) -> None:
     cfg = config_mod.from_dict(params["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(params["threads"])
-    device = resolve_device(cfg.run.device)
-    if device.type == "cuda":
-        device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    device = ray.train.torch.get_device() if resolve_device(cfg.run.device).type == "cuda" else torch.device("cpu")
     progress = params.get("progress")
 
     def say(kind: str, text: Any) -> None:
         if rank == 0 and progress is not None:
             progress.put((kind, text))
 
+    configure_data_context()
     data = load_prepared(params["dataset_path"])
-    total = total_iterations(cfg, data.count("train"))
-    specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed)
-    norm = Normalizer(data.mean, data.std, device)
-    raw = {level: EndlessStream(ray.train.get_dataset_shard(level), batch_size(cfg, level), specs[level].seed)
-           for level in LEVELS}
-    streams = {level: normalized(stream, norm) for level, stream in raw.items()}
-    engine = MLOEngine(cfg, data.num_classes, total, device)
-    out = params.get("output")
+    engine = MLOEngine(cfg, data.num_classes, total_iterations(cfg, data.count("train")), device,
+                       sync=allreduce_mean if world > 1 else no_sync, rank=rank, world_size=world)
+    try:
+        resumed = _restore(engine, cfg, world, params["run_dir"])
+    except ResumeError as err:
+        say("error", f"cannot resume: {err}")
+        raise
+    if resumed:
+        say("log", f"resumed from the checkpoint at iteration {engine.iteration}/{engine.total_steps}")
+    raw = _streams(engine, data, cfg, rank, world)
+    streams = {level: normalized(stream, Normalizer(data.mean, data.std, device)) for level, stream in raw.items()}
+    _inject_nan(params.get("inject_nan"), streams, rank, dict(engine.level_steps))
+    images_per_iteration = cfg.data.batch_mae * cfg.mlo.unroll_mae * world
 
-    def save() -> None:
-        if out and rank == 0:
-            save_atomic({"engine": engine.state_dict()}, os.path.join(out, "checkpoint.pt"))
+    saved = {"iteration": engine.iteration if resumed else None}
+
+    def checkpoint(metrics: dict[str, Any]) -> None:
+        """Report with a checkpoint: rank 0 writes the state, every rank reports (Ray Train's protocol)."""
+        saved["iteration"] = engine.iteration
+        with tempfile.TemporaryDirectory(prefix="mlo-mae-ckpt-") as folder:
+            if rank == 0:
+                checkpoints.write(folder, {"engine": engine.state_dict(), "data": data_position(engine, cfg, world)})
+            ray.train.report({"iteration": engine.iteration, **metrics},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
     def on_log(stats, prog) -> None:
-        images = prog.step * (cfg.data.batch_mae * cfg.mlo.unroll_mae) * world
-        say("log", format_progress(stats, prog) + f" | {images / max(prog.elapsed_s, 1e-9):.0f} img/s")
+        wait = sum(s.wait_s for s in raw.values())
+        say("log", format_progress(stats, prog) + f" | {images_per_iteration * prog.steps_per_s:.0f} img/s"
+                   f" | data wait {100 * wait / max(prog.elapsed_s, 1e-9):.0f}%")
         ray.train.report({"iteration": prog.step, "loss_mae": stats.loss_mae, "loss_head": stats.loss_head,
                           **({"loss_val": stats.loss_val} if stats.loss_val is not None else {})})
 
+    def periodic_checkpoint() -> None:
+        if engine.iteration < engine.total_steps:  # the final one follows, with the final metrics
+            checkpoint({})
+
     start = time.perf_counter()
     try:
-        fit(engine, streams, cfg.run.log_every, on_log, cfg.run.checkpoint_every, save)
-    except FloatingPointError as err:  # NaN/inf at some level: the last periodic checkpoint stays
-        say("error", f"training stopped: {err}")
-        raise
+        fit(engine, streams, cfg.run.log_every, on_log, cfg.run.checkpoint_every, periodic_checkpoint)
+    except NonFiniteLossError as err:
+        # Every rank raises at the same step (the loss is averaged with the gradients). Ending
+        # normally, not by an exception, keeps Ray Train from retrying a run that would diverge again.
+        kept = (f"the last good checkpoint (iteration {saved['iteration']}) is kept" if saved["iteration"] is not None
+                else "no checkpoint had been written yet")
+        say("error", f"training stopped: {err}; {kept}")
+        ray.train.report({"iteration": engine.iteration, "stopped": str(err)})
+        return
     finally:
         for stream in raw.values():
             stream.close()
-    save()
-    metrics: dict[str, Any] = {"iteration": engine.iteration, "train_seconds": time.perf_counter() - start}
+    digests = gather_objects({"mae": module_digest(engine.mae), "head": module_digest(engine.head),
+                              "masknet": module_digest(engine.masknet)})
+    metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
+                               "replica_digests": digests, "replicas_identical": all(d == digests[0] for d in digests)}
+    if rank == 0 and not metrics["replicas_identical"]:
+        say("log", f"warning: the {world} replicas ended with different parameters: {digests}")
+    checkpoint(metrics)
     if rank == 0 and cfg.run.probe:
-        result = probe_encoder(engine.mae, data, cfg, norm)
+        result = probe_encoder(engine.mae, data, cfg, Normalizer(data.mean, data.std, device))
         metrics.update(probe_val_top1=result.val_top1, probe_test_top1=result.test_top1)
         say("log", f"linear probe (frozen encoder, L2 {result.weight_decay:g} chosen on D_val): "
                    f"D_val top-1 {100 * result.val_top1:.1f}% | test top-1 {100 * result.test_top1:.1f}%")
-    say("metrics", metrics)
-    ray.train.report(metrics)
+    say("metrics", {"iteration": engine.iteration, **metrics})
+    ray.train.report({"iteration": engine.iteration, **metrics})

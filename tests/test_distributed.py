@@ -1,0 +1,165 @@
+"""`mlo-mae pretrain --workers 2` on a real local Ray cluster: identical replicas, a killed worker,
+stop and resume, divergence.
+
+One cluster (``ray start --head``, 2 CPUs) serves every run here through
+``--address``. Every run has the same seed and settings, so every way of
+reaching the last iteration (uninterrupted, a worker killed, stopped and
+resumed) must end with the same parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+RUN = ["--workers", "2", "--max-steps", str(STEPS), "--batch-size", "16", "-o", "run.log_every=1",
+       "-o", "run.checkpoint_every=3", "-o", "run.probe=false"]
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| ")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-CPU Ray head node for this module; its address, or the test fails if it cannot start."""
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    start = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--port", "0",
+                            "--include-dashboard", "false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr
+    found = re.search(r"--address='([^']+)'", start.stdout + start.stderr)
+    assert found, start.stdout
+    yield found.group(1)
+    subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def _command(storage: Path, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), "pretrain", "--storage-path", str(storage), *args]
+
+
+def _env(address: str) -> dict:
+    return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+
+
+def run(address: str, storage: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(storage, *args), capture_output=True, text=True, env=_env(address),
+                          timeout=900)
+
+
+def run_until(address: str, storage: Path, step: int, action, *args: str) -> tuple[int, str, str]:
+    """Start a run, call ``action(process)`` once it has printed ``step``, and wait for it to end."""
+    proc = subprocess.Popen(_command(storage, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(address))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        match = STEP_LINE.match(line)
+        if match and int(match.group(1)) == step:
+            action(proc)
+            break
+    out, err = proc.communicate(timeout=900)
+    return proc.returncode, "".join(lines) + out, err
+
+
+def steps(stdout: str) -> list[int]:
+    return [int(m.group(1)) for m in map(STEP_LINE.match, stdout.splitlines()) if m]
+
+
+def final_state(stdout: str) -> dict:
+    path = re.search(r"^final checkpoint: (.+)$", stdout, re.M).group(1)
+    return torch.load(Path(path) / "state.pt", weights_only=True)
+
+
+def assert_same_parameters(a: dict, b: dict) -> None:
+    assert a["engine"]["iteration"] == b["engine"]["iteration"] == STEPS
+    assert a["engine"]["level_steps"] == b["engine"]["level_steps"]
+    for module in ("mae", "head", "masknet"):
+        for key, tensor in a["engine"]["modules"][module].items():
+            other = b["engine"]["modules"][module][key]
+            assert torch.allclose(tensor.double(), other.double(), rtol=0, atol=1e-6), f"{module}.{key}"
+
+
+def assert_continuous(seen: list[int], resumed_at: int) -> None:
+    """Steps rise by one; after the restart they go on from the checkpoint, none counted past the end."""
+    restart = next(i for i in range(1, len(seen)) if seen[i] <= seen[i - 1])
+    assert seen[:restart] == list(range(1, restart + 1))
+    assert seen[restart:] == list(range(resumed_at + 1, STEPS + 1))
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """The uninterrupted 2-worker run."""
+    storage = tmp_path_factory.mktemp("runs")
+    result = run(cluster, storage, *RUN, "--name", "reference")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_two_workers_finish_with_identical_replicas(reference):
+    out = reference.stdout
+    assert "2 worker(s) | global batch 32 (= 2 x 16 per worker) | lr scaling 'linear' x2" in out
+    assert steps(out) == list(range(1, STEPS + 1))
+    line = re.search(r"^2 replicas identical: rank 0 (.+); rank 1 (.+)$", out, re.M)
+    assert line, out
+    assert line.group(1) == line.group(2)  # sha256 of every tensor of E+D, C and T
+    state = final_state(out)
+    assert state["data"]["world_size"] == 2
+    assert state["data"]["levels"]["mae"] == {"batches": 2 * STEPS, "batch_size": 16}
+
+
+def test_killed_worker_restarts_from_its_checkpoint_and_ends_identical(cluster, reference, tmp_path):
+    def kill_a_worker(_proc):
+        listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        pids = [int(line.split()[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
+        assert len(pids) == 2, listing
+        os.kill(pids[-1], signal.SIGKILL)
+
+    code, out, err = run_until(cluster, tmp_path, 5, kill_a_worker, *RUN, "--name", "killed")
+    assert code == 0, err
+    resumed = re.findall(r"^resumed from the checkpoint at iteration (\d+)/", out, re.M)
+    assert len(resumed) == 1 and int(resumed[0]) in (3, 6), out
+    assert_continuous(steps(out), int(resumed[0]))
+    assert_same_parameters(final_state(out), final_state(reference.stdout))
+
+
+def test_stop_and_resume_matches_the_uninterrupted_run(cluster, reference, tmp_path):
+    code, out, err = run_until(cluster, tmp_path, 4, lambda proc: proc.send_signal(signal.SIGINT),
+                               *RUN, "--name", "stopped")
+    assert code == 130, err
+    assert "continue with 'mlo-mae pretrain --resume stopped'" in err
+    again = run(cluster, tmp_path, *RUN, "--name", "stopped")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    resumed = run(cluster, tmp_path, "--resume", "stopped", "--workers", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    at = int(re.search(r"^resumed from the checkpoint at iteration (\d+)/", resumed.stdout, re.M).group(1))
+    assert at >= 3
+    assert steps(resumed.stdout) == list(range(at + 1, STEPS + 1))
+    assert_same_parameters(final_state(resumed.stdout), final_state(reference.stdout))
+    wrong = run(cluster, tmp_path, "--resume", "stopped", "--workers", "1")
+    assert wrong.returncode == 2 and "started with 2 workers" in wrong.stderr
+
+
+def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(cluster, tmp_path):
+    """Rank 1's 9th Stage-I batch (iteration 4) is NaN: the averaged loss is NaN on both ranks,
+    both stop before updating, the run ends with one line and is not retried."""
+    env = {"MLO_MAE_INJECT_NAN": "mae:8:1"}
+    result = subprocess.run(_command(tmp_path, *RUN, "--name", "diverged"), capture_output=True, text=True,
+                            env={**_env(cluster), **env}, timeout=900)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["mlo-mae: error: training stopped: non-finite Stage-I (reconstruction) loss (nan) at "
+                     "iteration 4; the last good checkpoint (iteration 3) is kept"], result.stderr
+    assert "resumed" not in result.stdout  # a NaN is not retried
+    assert steps(result.stdout) == [1, 2, 3, 4]
+    kept = [folder for folder in (tmp_path / "diverged").glob("checkpoint_*") if folder.is_dir()]
+    assert len(kept) == 1
+    assert torch.load(kept[0] / "state.pt", weights_only=True)["engine"]["iteration"] == 3

@@ -1,0 +1,74 @@
+"""Checkpoint folders of a run: what rank 0 writes, and how a (re)started run finds the latest one.
+
+A folder holds ``state.pt`` (the engine's full state and the data position)
+and ``meta.json`` (iteration and the byte size of ``state.pt``, to tell a
+complete copy from a torn one). Ray Train hands the latest *registered*
+checkpoint to ``get_checkpoint()``; a run stopped right after a checkpoint was
+written but before Ray registered it would lose that one, so the run folder is
+also scanned and the newest complete checkpoint wins.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import pyarrow.fs
+import ray.train
+import torch
+
+from mlo_mae.checkpoint import save_atomic
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def write(folder: str, state: dict[str, Any]) -> None:
+    """``state.pt`` then ``meta.json`` into a local folder that Ray Train will upload."""
+    path = save_atomic(state, os.path.join(folder, STATE_FILE))
+    meta = {"iteration": state["engine"]["iteration"], "state_bytes": path.stat().st_size}
+    with open(os.path.join(folder, META_FILE), "w") as handle:
+        json.dump(meta, handle)
+
+
+def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
+
+
+def _complete_iteration(fs: pyarrow.fs.FileSystem, folder: str) -> int | None:
+    """The checkpoint's iteration if both files are there and ``state.pt`` has its full size."""
+    state, meta_path = fs.get_file_info([f"{folder}/{STATE_FILE}", f"{folder}/{META_FILE}"])
+    if state.type != pyarrow.fs.FileType.File or meta_path.type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(meta_path.path) as handle:
+        try:
+            meta = json.loads(handle.read().decode())
+        except ValueError:
+            return None
+    return int(meta["iteration"]) if meta.get("state_bytes") == state.size else None
+
+
+def latest(run_dir: str) -> ray.train.Checkpoint | None:
+    """The newest complete checkpoint: Ray Train's own, or a newer complete one in ``run_dir``."""
+    found = []
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        iteration = _complete_iteration(registered.filesystem, registered.path)
+        if iteration is not None:
+            found.append((iteration, registered))
+    fs, root = _filesystem(run_dir)
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    for entry in entries:
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            iteration = _complete_iteration(fs, entry.path)
+            if iteration is not None:
+                found.append((iteration, ray.train.Checkpoint(entry.path, filesystem=fs)))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def load(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The saved state, plain tensors only (``weights_only``)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as handle:
+        return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
