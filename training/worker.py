@@ -145,9 +145,9 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
                        sync=allreduce_mean if world > 1 else no_sync, rank=rank, world_size=world)
     try:
         resumed = _restore(engine, cfg, world, params["run_dir"])
-    except ResumeError as err:
+    except ResumeError as err:  # deterministic: ending normally keeps Ray Train from retrying it
         say("error", f"cannot resume: {err}")
-        raise
+        return
     if resumed:
         say("log", f"resumed from the checkpoint at iteration {engine.iteration}/{engine.total_steps}")
     raw = _streams(engine, data, cfg, rank, world)
