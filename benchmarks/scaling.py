@@ -6,8 +6,9 @@ twice the images per iteration):
 - ``ray``: the real pipeline, ``training.launch.run_pretrain`` (Ray Train
   workers, Ray Data streams from the prepared digits, explicit all-reduce),
   on a local Ray cluster. The rate is taken between the progress lines of
-  step ``--skip`` and the last step, so start-up and stream warm-up are
-  excluded; the lines reach the driver through a queue polled every 0.5 s.
+  step ``--skip`` and the last step (lines every 5 steps), so start-up and
+  stream warm-up are excluded; lines reach the driver through a queue polled
+  every 0.5 s.
 - ``compute``: the same engine and all-reduce in plain processes
   (``torch.distributed`` gloo) on synthetic batches already in memory: the
   ceiling without data loading and without Ray.
@@ -28,13 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+LOG_EVERY = 5  # progress lines (and Ray Train metric reports) every 5 iterations, as a user would
 
 
 def _cfg(steps: int, batch: int):
     from mlo_mae.config import resolve
 
     return resolve(preset="tiny", overrides={
-        "run.max_steps": steps, "run.threads": 1, "run.log_every": 1, "run.probe": False,
+        "run.max_steps": steps, "run.threads": 1, "run.log_every": LOG_EVERY, "run.probe": False,
         "run.checkpoint_every": 0, "data.batch_mae": batch, "data.batch_head": batch, "data.batch_mask": batch})
 
 
@@ -120,6 +122,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="per worker, every level")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scaling.json")
     args = parser.parse_args()
+    if args.skip % LOG_EVERY or args.steps % LOG_EVERY or args.skip >= args.steps:
+        parser.error(f"--skip and --steps must be multiples of {LOG_EVERY}, --skip < --steps")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     rows = []
     for setup, measure in (("compute", compute_rate), ("ray", ray_rate)):
