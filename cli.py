@@ -73,8 +73,8 @@ def cli() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Data-parallel Ray Train workers (each: its share of every batch) [default: 1].")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="CPUs Ray reserves per worker [default: (cluster CPUs - 1) / workers, at least 0.5, "
-                   "so that Ray Data keeps a CPU].")
+              help="CPUs Ray reserves per worker [default: on CPU (cluster CPUs - 1) / workers, at least 0.5, "
+                   "so that Ray Data keeps a CPU; on GPU 1, the rest decode].")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
               help="GPUs per worker [default: 1 if the device is cuda, or auto on a cluster with GPUs; else 0].")
 @click.option("--address", envvar="RAY_ADDRESS", default=None,

@@ -45,7 +45,7 @@ class Launch:
     name: str
     storage_path: str = "ray_results"
     workers: int = 1
-    cpus_per_worker: float | None = None  # None: leave one CPU of the cluster to Ray Data
+    cpus_per_worker: float | None = None  # None: see resources()
     gpus_per_worker: float | None = None  # None: 1 when the config asks for CUDA (or auto and the cluster has GPUs)
     address: str | None = None  # None: start a local cluster sized to this machine
 
@@ -105,9 +105,9 @@ def resources(cfg: config_mod.Config, launch: Launch) -> tuple[bool, dict[str, f
     if gpus is None:
         wants_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and cluster.get("GPU", 0) > 0)
         gpus = 1.0 if wants_cuda else 0.0
-    # A worker takes less than all the CPUs: Ray Data's read and decode tasks need CPUs of their own,
-    # or a small machine deadlocks (the workers would hold every CPU).
-    cpus = launch.cpus_per_worker or max(0.5, (cluster.get("CPU", 1) - 1) / launch.workers)
+    # CPU training: the workers share the CPUs but one, which Ray Data's read and decode tasks need
+    # (without it a small machine deadlocks). GPU training: one CPU a worker, the rest decode.
+    cpus = launch.cpus_per_worker or (1.0 if gpus > 0 else max(0.5, (cluster.get("CPU", 1) - 1) / launch.workers))
     return gpus > 0, {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
 
 
