@@ -218,11 +218,11 @@ def _run_pretrain(cfg: config_mod.Config, launch, resume: bool) -> None:
                                                     "workers": n})
     try:
         metrics = run_pretrain(cfg, data, launch, click.echo)
-    except TrainingInterrupted:
+    except TrainingInterrupted as stop:
         click.echo(f"interrupted; the checkpoints are kept: continue with 'mlo-mae pretrain --resume "
                    f"{launch.name}'" + (f" --storage-path {launch.storage_path}"
                                         if launch.storage_path != "ray_results" else ""), err=True)
-        sys.exit(130)
+        sys.exit(128 + stop.signum)
     except TrainingError as err:
         raise click.ClickException(str(err)) from None
     digests = metrics.get("replica_digests") or []

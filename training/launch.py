@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,29 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """The user stopped the run (Ctrl-C); its checkpoints are kept for ``--resume``."""
+    """The user stopped the run (Ctrl-C, SIGTERM); its checkpoints are kept for ``--resume``."""
+
+    def __init__(self, name: str, signum: int) -> None:
+        super().__init__(name)
+        self.signum = signum
+
+
+def _stop_on_signals() -> list[int]:
+    """Ctrl-C and SIGTERM (schedulers, ``kill``) both stop a run through KeyboardInterrupt.
+
+    Installed after ``ray.init``, which sets its own SIGTERM handler (it crashes the driver);
+    SIGINT is re-armed because a process started in the background inherits it ignored.
+    Returns the list that records which signal arrived.
+    """
+    received: list[int] = []
+
+    def stop(signum, _frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    return received
 
 
 @dataclass
@@ -145,6 +168,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = err
 
+    received = _stop_on_signals()
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
     failure, metrics = None, {}
@@ -163,7 +187,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
     except KeyboardInterrupt:
         ray.shutdown()  # stops the controller and the workers; the checkpoints stay in storage
         thread.join(timeout=60)  # fit() fails fast once disconnected; exiting under it can crash
-        raise TrainingInterrupted(launch.name) from None
+        raise TrainingInterrupted(launch.name, received[-1] if received else signal.SIGINT) from None
     thread.join()
     if "error" in outcome:
         raise TrainingError(failure or f"training failed: {_last_error_line(outcome['error'])} "
