@@ -129,7 +129,8 @@ def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, 
 
 def _resume(name: str, storage_path: str, workers: int | None, cpus_per_worker: float | None,
             gpus_per_worker: float | None, address: str | None) -> None:
-    from training.launch import Launch, read_run, storage_uri
+    from training.launch import Launch
+    from training.storage import read_run, storage_uri
 
     settings = read_run(storage_path, name)
     if settings is None:
@@ -182,14 +183,16 @@ def _run_pretrain(cfg: config_mod.Config, launch, resume: bool) -> None:
     from mlo_mae.config import lr_scale
     from mlo_mae.engine import resolve_device
     from pipelines.streams import LEVELS
-    from training.launch import TrainingError, TrainingInterrupted, read_run, run_pretrain, storage_uri, write_run
+    from training.launch import TrainingError, TrainingInterrupted, run_pretrain
+    from training.storage import read_run, storage_uri, write_run
     from training.worker import batch_size, total_iterations
 
     try:
         device = resolve_device(cfg.run.device) if launch.address is None else None
     except ValueError as err:
         raise UserError(str(err)) from None
-    if cfg.run.precision == "bf16" and cfg.run.device != "cuda" and (device is None or device.type != "cuda"):
+    on_cuda = device.type == "cuda" if device is not None else cfg.run.device == "cuda"  # remote: as asked
+    if cfg.run.precision == "bf16" and not on_cuda:
         raise UserError("--precision bf16 needs a CUDA device; use fp32 on CPU (or --device cuda on a GPU cluster)")
     if not resume and read_run(launch.storage_path, launch.name) is not None:
         raise UserError(f"--name: run '{launch.name}' already exists in '{storage_uri(launch.storage_path)}'; "

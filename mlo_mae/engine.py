@@ -28,6 +28,8 @@ from .masking import random_mask, top_k_mask, weighted_reconstruction_loss
 from .optim import build_adamw, set_lr, warmup_cosine
 
 LEVELS = ("mae", "head", "mask")
+LEVEL_NAMES = {"mae": "Stage-I (reconstruction)", "head": "Stage-II (classification)",
+               "mask": "Stage-III (validation)"}
 STATE_FORMAT = 1
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -110,7 +112,11 @@ class MLOEngine:
         """The learning rate of the level's most recent step (its first one before any)."""
         return self.lr(level, max(self.level_steps[level] - 1, 0))
 
-    def _optimizer_step(self, level: str, module: torch.nn.Module, loss: torch.Tensor, name: str) -> float:
+    def module(self, level: str) -> torch.nn.Module:
+        """What ``level`` trains: E+D, C or T."""
+        return {"mae": self.mae, "head": self.head, "mask": self.masknet}[level]
+
+    def _optimizer_step(self, level: str, loss: torch.Tensor) -> float:
         """Average loss, gradients and BatchNorm running statistics over ranks (``sync``), check, step.
 
         The loss travels with the gradients, so every rank sees a NaN or inf on
@@ -118,13 +124,14 @@ class MLOEngine:
         Running statistics (the head's) are averaged so that replicas stay
         identical in every tensor, not only in their parameters.
         """
+        module = self.module(level)
         loss = loss.detach().float().reshape(1).clone()
         stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                  for b in (m.running_mean, m.running_var) if b is not None]
         self.sync([loss] + [p.grad for p in module.parameters() if p.grad is not None] + stats)
         value = float(loss)
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite {name} loss ({value}) at iteration {self.iteration}")
+            raise NonFiniteLossError(f"non-finite {LEVEL_NAMES[level]} loss ({value}) at iteration {self.iteration}")
         set_lr(self.optimizers[level], self.lr(level))
         self.optimizers[level].step()
         self.level_steps[level] += 1
@@ -162,7 +169,7 @@ class MLOEngine:
             loss = weighted_reconstruction_loss(errors, mask.mask, probs)
         self.optimizers["mae"].zero_grad(set_to_none=True)
         loss.backward()
-        return self._optimizer_step("mae", self.mae, loss, "Stage-I (reconstruction)"), entropy
+        return self._optimizer_step("mae", loss), entropy
 
     def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """One Stage-II step on C, on encoder features of whole D_tr images (E is fixed here)."""
@@ -170,7 +177,7 @@ class MLOEngine:
             loss = cross_entropy(self.head(features.detach()), labels)
         self.optimizers["head"].zero_grad(set_to_none=True)
         loss.backward()
-        return self._optimizer_step("head", self.head, loss, "Stage-II (classification)")
+        return self._optimizer_step("head", loss)
 
     def hypergradient(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
                       features: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -214,7 +221,7 @@ class MLOEngine:
         params = list(self.masknet.parameters())
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
-        value = self._optimizer_step("mask", self.masknet, loss_val, "Stage-III (validation)")
+        value = self._optimizer_step("mask", loss_val)
         norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)))  # of the averaged g_T
         top1 = float((logits.argmax(-1) == batch_val[1]).float().mean())
         return value, top1, norm

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 MIN_CHUNKS_PER_RANK = 4
+COLUMNS = ["image", "label", "id"]  # what the readers need of a shard
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class Window:
     @property
     def rows(self) -> int:
         return sum(c.rows for c in self.chunks)
+
+
+def read_rows(file: str, group: int, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+    """Rows ``start:stop`` of one row group, column by column (encoded images, labels, ids)."""
+    table = pq.ParquetFile(file).read_row_group(group, columns=COLUMNS)
+    table = table.slice(start, (table.num_rows if stop is None else stop) - start)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS}
 
 
 def list_chunks(files: Sequence[str], world: int) -> list[Chunk]:

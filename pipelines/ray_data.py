@@ -1,11 +1,11 @@
 """The Ray Data path: a rank's planned chunks -> read + decode/augment in Ray tasks -> the training worker.
 
-Each training worker builds, for each level, one Dataset over the chunks its
-plan (``pipelines.plan``) deals it for the rest of the run. Ray Data runs the
-reads and the decoding as tasks across the cluster and streams the blocks
-back in plan order under its backpressure; nothing is materialised, so memory
-is bounded by the in-flight blocks, not by the data set. The worker shuffles
-each window and cuts batches.
+Each training worker reads, for each level, the chunks its plan
+(``pipelines.plan``) deals it, one short Ray Data execution per shuffle
+window. Ray Data runs the reads and the decoding as tasks across the cluster
+and returns the blocks in plan order; nothing is materialised beyond the
+window being read and the batches read ahead. The worker shuffles each window
+and cuts batches.
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
 
-from .plan import RankPlan, Window
+from .plan import COLUMNS, RankPlan, Window, read_rows
 from .streams import StreamSpec
 from .transforms import transform_batch
-
-COLUMNS = ["image", "label", "id"]
 
 
 def configure_data_context() -> None:
@@ -44,9 +41,7 @@ def read_chunks(items: dict[str, np.ndarray], *, size: int, train: bool, mode: s
     parts = []
     for file, group, start, stop, epoch in zip(items["file"], items["group"], items["start"], items["stop"],
                                                items["epoch"]):
-        table = pq.ParquetFile(file).read_row_group(int(group), columns=COLUMNS).slice(int(start),
-                                                                                      int(stop) - int(start))
-        rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS}
+        rows = read_rows(file, int(group), int(start), int(stop))
         parts.append(transform_batch(rows, size=size, train=train, mode=mode, hflip=hflip, seed=seed,
                                      epoch=int(epoch)))
     return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
@@ -83,10 +78,10 @@ class LevelStream(Iterator):
             needed -= window.rows
         return out, skip
 
-    def dataset(self, windows: list[Window]) -> ray.data.Dataset:
-        """The Dataset that reads and decodes ``windows`` (in order)."""
-        items = [{"file": c.file, "group": c.group, "start": c.start, "stop": c.stop, "epoch": w.epoch}
-                 for w in windows for c in w.chunks]
+    def dataset(self, window: Window) -> ray.data.Dataset:
+        """The Dataset that reads and decodes ``window``'s chunks, in order."""
+        items = [{"file": c.file, "group": c.group, "start": c.start, "stop": c.stop, "epoch": window.epoch}
+                 for c in window.chunks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         return ds.map_batches(read_chunks, fn_kwargs=self.spec.transform_kwargs(), batch_size=1)
 
@@ -99,7 +94,7 @@ class LevelStream(Iterator):
         window's execution ends as soon as its few tasks have run.
         """
         for window in windows:
-            yield from self.dataset([window]).iter_batches(batch_size=None, batch_format="numpy",
+            yield from self.dataset(window).iter_batches(batch_size=None, batch_format="numpy",
                                                            prefetch_batches=0)
 
     def _put(self, item) -> bool:

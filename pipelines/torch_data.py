@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import PreparedDataset
+from .plan import read_rows
 from .streams import StreamSpec
 from .transforms import transform_batch
 
@@ -40,10 +41,9 @@ class ParquetImages(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         for file, group in self._units():
-            table = pq.ParquetFile(file).read_row_group(group, columns=["image", "label", "id"])
-            rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+            rows = read_rows(file, group)
             if self.shuffle:
-                order = np.random.default_rng([self.spec.seed, self.epoch, group]).permutation(table.num_rows)
+                order = np.random.default_rng([self.spec.seed, self.epoch, group]).permutation(len(rows["id"]))
                 rows = {k: v[order] for k, v in rows.items()}
             out = transform_batch(rows, epoch=self.epoch, **self.spec.transform_kwargs())
             for image, label in zip(out["image"], out["label"].tolist()):

@@ -21,6 +21,8 @@ import torch
 
 from mlo_mae.checkpoint import save_atomic
 
+from .storage import filesystem
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
@@ -31,10 +33,6 @@ def write(folder: str, state: dict[str, Any]) -> None:
     meta = {"iteration": state["engine"]["iteration"], "state_bytes": path.stat().st_size}
     with open(os.path.join(folder, META_FILE), "w") as handle:
         json.dump(meta, handle)
-
-
-def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
 
 
 def _complete_iteration(fs: pyarrow.fs.FileSystem, folder: str) -> int | None:
@@ -58,7 +56,7 @@ def latest(run_dir: str) -> ray.train.Checkpoint | None:
         iteration = _complete_iteration(registered.filesystem, registered.path)
         if iteration is not None:
             found.append((iteration, registered))
-    fs, root = _filesystem(run_dir)
+    fs, root = filesystem(run_dir)
     entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     for entry in entries:
         if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):

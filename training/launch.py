@@ -1,8 +1,6 @@
 """The driver side of ``mlo-mae pretrain``: start or join Ray, run the TorchTrainer, relay progress.
 
-A run lives in ``STORAGE/NAME`` (Ray Train's layout: ``checkpoint_*`` folders
-plus Ray's own state) with ``mlo-mae-run.yaml`` beside them: the resolved
-config, the data set and the number of workers. Running a TorchTrainer again
+A run lives in ``STORAGE/NAME`` (see ``training.storage``). Running a TorchTrainer again
 with the same storage path and name is how Ray Train V2 resumes; ``--resume``
 does exactly that with the saved settings.
 
@@ -21,13 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs
-import yaml
-
 from mlo_mae import config as config_mod
 from pipelines.manifest import PreparedDataset
 
-RUN_FILE = "mlo-mae-run.yaml"
+from .storage import storage_uri
 
 
 class TrainingError(RuntimeError):
@@ -84,32 +79,6 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     else:
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR", include_dashboard=False)
-
-
-def storage_uri(path: str) -> str:
-    """A local path made absolute (Ray needs that); URIs such as s3://... pass through."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
-
-
-def read_run(storage_path: str, name: str) -> dict[str, Any] | None:
-    """The saved settings of run ``name``, or None if there is no such run."""
-    fs, root = _filesystem(storage_uri(storage_path))
-    path = f"{root}/{name}/{RUN_FILE}"
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as handle:
-        return yaml.safe_load(handle.read().decode())
-
-
-def write_run(storage_path: str, name: str, settings: dict[str, Any]) -> None:
-    fs, root = _filesystem(storage_uri(storage_path))
-    fs.create_dir(f"{root}/{name}", recursive=True)
-    with fs.open_output_stream(f"{root}/{name}/{RUN_FILE}") as handle:
-        handle.write(yaml.safe_dump(settings, sort_keys=False).encode())
 
 
 def _last_error_line(err: BaseException) -> str:

@@ -151,7 +151,8 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
     if resumed:
         say("log", f"resumed from the checkpoint at iteration {engine.iteration}/{engine.total_steps}")
     raw = _streams(engine, data, cfg, rank, world)
-    streams = {level: normalized(stream, Normalizer(data.mean, data.std, device)) for level, stream in raw.items()}
+    norm = Normalizer(data.mean, data.std, device)
+    streams = {level: normalized(stream, norm) for level, stream in raw.items()}
     _inject_nan(params.get("inject_nan"), streams, rank, dict(engine.level_steps))
     images_per_iteration = cfg.data.batch_mae * cfg.mlo.unroll_mae * world
 
@@ -199,7 +200,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
         say("log", f"warning: the {world} replicas ended with different parameters: {digests}")
     checkpoint(metrics)
     if rank == 0 and cfg.run.probe:
-        result = probe_encoder(engine.mae, data, cfg, Normalizer(data.mean, data.std, device))
+        result = probe_encoder(engine.mae, data, cfg, norm)
         metrics.update(probe_val_top1=result.val_top1, probe_test_top1=result.test_top1)
         say("log", f"linear probe (frozen encoder, L2 {result.weight_decay:g} chosen on D_val): "
                    f"D_val top-1 {100 * result.val_top1:.1f}% | test top-1 {100 * result.test_top1:.1f}%")

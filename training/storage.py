@@ -1,0 +1,42 @@
+"""Where runs live: ``STORAGE/NAME/`` on a local disk, NFS or an object store (``s3://...``).
+
+Ray Train writes its checkpoint folders there; ``mlo-mae-run.yaml`` beside them
+keeps what ``--resume`` needs (config, data set, number of workers).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow.fs
+import yaml
+
+RUN_FILE = "mlo-mae-run.yaml"
+
+
+def storage_uri(path: str) -> str:
+    """A local path made absolute (Ray needs that); URIs such as s3://... pass through."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem of ``uri`` (local without a scheme) and the path inside it."""
+    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
+
+
+def read_run(storage_path: str, name: str) -> dict[str, Any] | None:
+    """The saved settings of run ``name``, or None if there is no such run."""
+    fs, root = filesystem(storage_uri(storage_path))
+    path = f"{root}/{name}/{RUN_FILE}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as handle:
+        return yaml.safe_load(handle.read().decode())
+
+
+def write_run(storage_path: str, name: str, settings: dict[str, Any]) -> None:
+    fs, root = filesystem(storage_uri(storage_path))
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    with fs.open_output_stream(f"{root}/{name}/{RUN_FILE}") as handle:
+        handle.write(yaml.safe_dump(settings, sort_keys=False).encode())
