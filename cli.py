@@ -6,6 +6,7 @@ Errors a user can fix (bad flags, config keys, presets, paths) print one line
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -33,6 +34,19 @@ def _default(key: str) -> Any:
 
 def _help(text: str, key: str) -> str:
     return f"{text} [config: {key}, default {_default(key)}]"
+
+
+def _tracking_uri(flag: str | None) -> str:
+    from training.tracking import tracking_uri
+
+    return tracking_uri(flag)
+
+
+TRACKING_URI = click.option(
+    "--tracking-uri", default=None, metavar="URI",
+    help="MLflow tracking server or store (http://host:5000, sqlite:///path.db) [default: $MLFLOW_TRACKING_URI, "
+         "else sqlite:///./mlflow.db in the working folder, artifacts in ./mlruns].")
+EXPERIMENT = click.option("--experiment", default="mlo-mae", help="MLflow experiment the runs go to.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -86,19 +100,23 @@ def cli() -> None:
 @click.option("--name", default=None, help="Run name, a folder under --storage-path [default: pretrain-DATE-TIME].")
 @click.option("--resume", "resume_name", default=None, metavar="NAME",
               help="Continue run NAME from its last checkpoint, with its saved config and workers.")
+@TRACKING_URI
+@EXPERIMENT
 def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, max_steps: int | None,
              epochs: float | None, batch_size: int | None, seed: int | None, baseline: bool | None,
              mask_ratio: float | None, hypergradient: str | None, device: str | None,
              precision: str | None, overrides: tuple[str, ...], print_config: bool, workers: int | None,
              cpus_per_worker: float | None, gpus_per_worker: float | None, address: str | None,
-             storage_path: str, name: str | None, resume_name: str | None) -> None:
+             storage_path: str, name: str | None, resume_name: str | None, tracking_uri: str | None,
+             experiment: str) -> None:
     """Pretrain E, D, C and T with MLO-MAE (or plain MAE with --baseline).
 
     With no arguments: the tiny preset on the built-in digits, a few minutes on
     2 CPU cores, then a linear probe of the encoder on the held-out test split.
     With --workers N, Ray Train runs N data-parallel workers (CPU or GPU, here
     or on the cluster at --address); checkpoints go to --storage-path/NAME and a
-    run restarts from the last one by itself when a worker dies.
+    run restarts from the last one by itself when a worker dies. Every run is
+    an MLflow run (metrics, heatmaps, the encoder for timm): see 'mlo-mae runs'.
     """
     flat: dict[str, Any] = dict(config_mod.parse_override(o) for o in overrides)
     flags = {
@@ -110,11 +128,13 @@ def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, 
         flags.update({"data.batch_mae": batch_size, "data.batch_head": batch_size, "data.batch_mask": batch_size})
     flat.update({k: v for k, v in flags.items() if v is not None})
     if resume_name is not None:
-        given = sorted(k for k in flat) + (["--config"] if config_file else []) + (["--preset"] if preset else [])
+        given = (sorted(k for k in flat) + (["--config"] if config_file else []) + (["--preset"] if preset else [])
+                 + (["--tracking-uri"] if tracking_uri else []))
         if given or print_config or name:
             raise UserError(f"--resume continues a run with its saved settings; drop {', '.join(given) or '--name'}")
         _resume(resume_name, storage_path, workers, cpus_per_worker, gpus_per_worker, address)
         return
+    tracking = {"uri": _tracking_uri(tracking_uri), "experiment": experiment}
     cfg = config_mod.resolve(config_file, preset, flat)
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
@@ -124,7 +144,7 @@ def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, 
     launch = Launch(name=name or time.strftime("pretrain-%Y%m%d-%H%M%S"), storage_path=storage_path,
                     workers=workers or 1, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                     address=address)
-    _run_pretrain(cfg, launch, resume=False)
+    _run_pretrain(cfg, launch, tracking)
 
 
 def _resume(name: str, storage_path: str, workers: int | None, cpus_per_worker: float | None,
@@ -144,7 +164,7 @@ def _resume(name: str, storage_path: str, workers: int | None, cpus_per_worker: 
         raise UserError(f"run '{name}': {err}") from None
     launch = Launch(name=name, storage_path=storage_path, workers=settings["workers"],
                     cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, address=address)
-    _run_pretrain(cfg, launch, resume=True)
+    _run_pretrain(cfg, launch, settings.get("mlflow"), resume=True)
 
 
 def digits_cache() -> Path:
@@ -179,10 +199,11 @@ def _progress_bar(phase: str, total: int):
                 disable=None, mininterval=0.5)
 
 
-def _run_pretrain(cfg: config_mod.Config, launch, resume: bool) -> None:
+def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | None, resume: bool = False) -> None:
     from mlo_mae.config import lr_scale
     from mlo_mae.engine import resolve_device
     from pipelines.streams import LEVELS
+    from training import tracking as mlflow_tracking
     from training.launch import TrainingError, TrainingInterrupted, run_pretrain
     from training.storage import read_run, storage_uri, write_run
     from training.worker import batch_size, total_iterations
@@ -214,19 +235,43 @@ def _run_pretrain(cfg: config_mod.Config, launch, resume: bool) -> None:
     click.echo(f"{n} worker(s) | global batch {n * cfg.data.batch_mae} (= {n} x {cfg.data.batch_mae} per worker) | "
                f"lr scaling '{o.lr_scaling}' x{scale:g}: lr_mae {o.lr_mae * scale:.3g}, lr_head "
                f"{o.lr_head * scale:.3g}, lr_mask {o.lr_mask * scale:.3g}")
+    run_dir = f"{storage_uri(launch.storage_path)}/{launch.name}"
     click.echo(f"run '{launch.name}' in {storage_uri(launch.storage_path)}"
                + (" (resuming from its last checkpoint)" if resume else ""))
+    try:
+        if tracking is not None and resume:
+            mlflow_tracking.reopen_run(tracking["uri"], tracking["run_id"])
+        elif tracking is not None:
+            params = {"dataset.name": data.manifest["name"], "dataset.path": str(data.root.resolve()),
+                      "dataset.classes": data.num_classes, "dataset.train_images": data.count("train"),
+                      "dataset.val_images": data.count("val"), "dataset.test_images": data.count("test"),
+                      "workers": n, "global_batch": n * cfg.data.batch_mae, "total_iterations": total}
+            tracking["run_id"] = mlflow_tracking.start_run(tracking["uri"], tracking["experiment"], launch.name,
+                                                           "pretrain", cfg, params,
+                                                           {mlflow_tracking.RUN_DIR_TAG: run_dir})
+    except mlflow_tracking.TrackingError as err:
+        raise UserError(f"--tracking-uri: {err}") from None
+    if tracking is not None:
+        click.echo(f"MLflow run {tracking['run_id']} (experiment '{tracking['experiment']}') at {tracking['uri']}")
     if not resume:
         write_run(launch.storage_path, launch.name, {"config": cfg.to_dict(), "dataset": str(data.root.resolve()),
-                                                    "workers": n})
+                                                    "workers": n, "mlflow": tracking})
+    logged = {"uri": tracking["uri"], "run_id": tracking["run_id"]} if tracking is not None else None
+
+    def end(status: str) -> None:
+        if tracking is not None:
+            mlflow_tracking.end_run(tracking["uri"], tracking["run_id"], status)
+
     try:
-        metrics = run_pretrain(cfg, data, launch, click.echo)
+        metrics = run_pretrain(cfg, data, launch, click.echo, logged)
     except TrainingInterrupted as stop:
+        end("KILLED")
         click.echo(f"interrupted; the checkpoints are kept: continue with 'mlo-mae pretrain --resume "
                    f"{launch.name}'" + (f" --storage-path {launch.storage_path}"
                                         if launch.storage_path != "ray_results" else ""), err=True)
         sys.exit(128 + stop.signum)
     except TrainingError as err:
+        end("FAILED")
         raise click.ClickException(str(err)) from None
     digests = metrics.get("replica_digests") or []
     if len(digests) > 1:
@@ -235,6 +280,14 @@ def _run_pretrain(cfg: config_mod.Config, launch, resume: bool) -> None:
             f"rank {r} " + ", ".join(f"{k} {v}" for k, v in d.items()) for r, d in enumerate(digests)))
     if "checkpoint" in metrics:
         click.echo(f"final checkpoint: {metrics['checkpoint']}")
+    if tracking is not None:
+        if "checkpoint" in metrics:
+            mlflow_tracking.record_checkpoint(tracking["uri"], tracking["run_id"], metrics["checkpoint"], run_dir,
+                                              launch.name)
+        end("FINISHED")
+        click.echo(f"logged to MLflow run {tracking['run_id']}: compare runs with 'mlo-mae runs' or "
+                   f"'mlflow ui --backend-store-uri {tracking['uri']}'" if tracking["uri"].startswith("sqlite")
+                   else f"logged to MLflow run {tracking['run_id']} at {tracking['uri']}")
 
 
 @cli.command()
@@ -284,6 +337,213 @@ def prepare(source: str, out: Path, test_source: Path | None, seed: int, cifar_l
     if manifest["empty_classes"]:
         click.echo(f"warning: class folders with no usable image: {', '.join(manifest['empty_classes'])}",
                    err=True)
+
+
+SOURCE_HELP = "SOURCE: a checkpoint folder, a run folder (its newest checkpoint) or an MLflow pretrain run id."
+
+
+def _downstream_setup(source: str, dataset: str | None, device: str, tracking_uri: str | None):
+    """The pretrained state, its data set and device, or a one-line error."""
+    from mlo_mae.engine import resolve_device
+    from training.pretrained import SourceError, load_pretrained
+
+    try:
+        pretrained = load_pretrained(source, _tracking_uri(tracking_uri))
+        torch_device = resolve_device(device)
+    except (SourceError, ValueError) as err:
+        raise UserError(str(err)) from None
+    name = dataset or pretrained.dataset or pretrained.config.data.dataset
+    data = open_dataset(name)
+    if data.num_classes != pretrained.state["num_classes"] and dataset is None:
+        raise UserError(f"--dataset: '{name}' has {data.num_classes} classes, the run trained with "
+                        f"{pretrained.state['num_classes']}")
+    click.echo(f"{pretrained.checkpoint} (iteration {pretrained.iteration}, preset {pretrained.config.preset}) | "
+               f"{data.manifest['name']}: D_tr {data.count('train')}, D_val {data.count('val')}, "
+               f"test {data.count('test')} | device {torch_device}")
+    return pretrained, data, torch_device
+
+
+def _child_run(pretrained, kind: str, experiment: str, params: dict, tracking_uri: str | None) -> tuple[str, str]:
+    """An MLflow run for this evaluation: a child of the pretrain run when that was tracked."""
+    from training import tracking
+
+    uri = pretrained.tracking_uri or _tracking_uri(tracking_uri)
+    parent = pretrained.run_id
+    if parent is not None:
+        try:
+            experiment = tracking.client(uri).get_experiment(
+                tracking.client(uri).get_run(parent).info.experiment_id).name
+        except Exception:  # noqa: BLE001 - parent gone: log a standalone run
+            parent = None
+    try:
+        run_id = tracking.start_run(uri, experiment, kind, kind, pretrained.config,
+                                    {"source.checkpoint": pretrained.checkpoint,
+                                     "source.iteration": pretrained.iteration, **params},
+                                    parent=parent)
+    except tracking.TrackingError as err:
+        raise UserError(f"--tracking-uri: {err}") from None
+    return uri, run_id
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--dataset", default=None, help="Data set to probe on [default: the one the run trained on].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where to run.")
+@TRACKING_URI
+@EXPERIMENT
+def probe(source: str, dataset: str | None, device: str, tracking_uri: str | None, experiment: str) -> None:
+    """Linear probe of a pretrained encoder: frozen, eval mode, CLS features, one linear layer.
+
+    The L2 strength is chosen on D_val; the test split is read once, at the end.
+    Logged as an MLflow run 'probe' (a child of the pretrain run, whose
+    probe/val_top1 and probe/test_top1 it also sets).
+    """
+    from training import tracking
+    from training.downstream import probe_encoder
+
+    pretrained, data, torch_device = _downstream_setup(source, dataset, device, tracking_uri)
+    uri, run_id = _child_run(pretrained, "probe", experiment, {"dataset.path": str(data.root)}, tracking_uri)
+    started = time.perf_counter()
+    result = probe_encoder(pretrained.encoder(torch_device), data, pretrained.config, torch_device)
+    click.echo(f"linear probe: D_val top-1 {100 * result.val_top1:.1f}% (L2 {result.weight_decay:g} chosen on "
+               f"D_val) | test top-1 {100 * result.test_top1:.1f}% | {time.perf_counter() - started:.1f}s")
+    logger = tracking.RunLogger(uri, run_id, lambda text: click.echo(text, err=True))
+    logger.metrics({"val_top1": result.val_top1, "test_top1": result.test_top1,
+                    "weight_decay": result.weight_decay}, pretrained.iteration)
+    logger.flush()
+    _copy_to_parent(uri, pretrained, {"probe/val_top1": result.val_top1, "probe/test_top1": result.test_top1})
+    tracking.end_run(uri, run_id, "FINISHED")
+    click.echo(f"logged to MLflow run {run_id}")
+
+
+def _copy_to_parent(uri: str, pretrained, values: dict[str, float]) -> None:
+    from training import tracking
+
+    if pretrained.run_id is not None:
+        parent = tracking.RunLogger(uri, pretrained.run_id, lambda text: click.echo(text, err=True))
+        parent.metrics(values, pretrained.iteration)
+        parent.flush()
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, help="Fine-tuning epochs over D_tr.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, help="AdamW peak learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Batch size.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, help="AdamW weight decay.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, help="Linear warmup before the cosine.")
+@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              help="Layer-wise lr decay (1: off, the CIFAR protocol; 0.75: MAE's ImageNet recipe).")
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="Stochastic depth (0.1 in MAE's ImageNet recipe).")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="Label smoothing (0.1 in MAE's ImageNet recipe).")
+@click.option("--seed", type=int, default=0, help="Seed of the head's initialisation and the data order.")
+@click.option("--dataset", default=None, help="Data set to fine-tune on [default: the one the run trained on].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where to run.")
+@TRACKING_URI
+@EXPERIMENT
+def finetune(source: str, epochs: int, lr: float, batch_size: int, weight_decay: float, warmup_epochs: float,
+             layer_decay: float, drop_path: float, label_smoothing: float, seed: int, dataset: str | None,
+             device: str, tracking_uri: str | None, experiment: str) -> None:
+    """Fine-tune a pretrained encoder with a fresh linear head (timm VisionTransformer), all weights.
+
+    The paper's protocol: AdamW, cosine schedule, crop + flip; the defaults are
+    its CIFAR recipe. Training reads D_tr, the epoch kept is the best on D_val,
+    and the test split is read once, with those weights, at the end. Logged as
+    an MLflow run 'finetune' (a child of the pretrain run, whose
+    finetune/val_top1 and finetune/test_top1 it also sets).
+    """
+    from mlo_mae.finetune import FinetuneConfig
+    from training import tracking
+    from training.downstream import finetune_encoder
+
+    pretrained, data, torch_device = _downstream_setup(source, dataset, device, tracking_uri)
+    ft = FinetuneConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                        layer_decay=layer_decay, drop_path=drop_path, label_smoothing=label_smoothing, seed=seed)
+    params = {f"finetune.{k}": v for k, v in dataclasses.asdict(ft).items()}
+    uri, run_id = _child_run(pretrained, "finetune", experiment,
+                             {**params, "finetune.batch_size": batch_size, "dataset.path": str(data.root)},
+                             tracking_uri)
+    logger = tracking.RunLogger(uri, run_id, lambda text: click.echo(text, err=True))
+    best = {"top1": -1.0, "epoch": 0}
+
+    def on_epoch(result) -> None:  # epochs count from 1 on screen and in MLflow
+        if result.val_top1 > best["top1"]:
+            best.update(top1=result.val_top1, epoch=result.epoch + 1)
+        click.echo(f"epoch {result.epoch + 1}/{epochs} | loss {result.train_loss:.4f} | D_val top-1 "
+                   f"{100 * result.val_top1:.1f}% (best {100 * best['top1']:.1f}% at epoch {best['epoch']}) | "
+                   f"lr {result.lr:.2e} | {result.seconds:.1f}s")
+        logger.metrics({"train_loss": result.train_loss, "val_top1": result.val_top1, "lr": result.lr},
+                       result.epoch + 1)
+        logger.flush()
+
+    try:
+        result = finetune_encoder(pretrained.encoder(torch_device), data, pretrained.config, ft, batch_size,
+                                  torch_device, on_epoch)
+    except ValueError as err:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise click.ClickException(str(err)) from None
+    except Exception as err:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise click.ClickException(f"fine-tuning failed: {' '.join(str(err).split())[:300]}") from None
+    click.echo(f"fine-tuned: D_val top-1 {100 * result.val_top1:.1f}% (epoch {result.best_epoch + 1} of {epochs}) "
+               f"| test top-1 {100 * result.test_top1:.1f}%")
+    logger.metrics({"test_top1": result.test_top1, "best_epoch": result.best_epoch + 1}, epochs)
+    logger.flush()
+    _copy_to_parent(uri, pretrained, {"finetune/val_top1": result.val_top1, "finetune/test_top1": result.test_top1})
+    tracking.end_run(uri, run_id, "FINISHED")
+    click.echo(f"logged to MLflow run {run_id}")
+
+
+RUN_COLUMNS = (  # header, where, key, format
+    ("run", "id", None, "{:.8}"), ("name", "tag", "mlflow.runName", "{}"), ("mode", "tag", "mlo_mae.mode", "{}"),
+    ("preset", "tag", "mlo_mae.preset", "{}"), ("mask", "param", "mlo.mask_ratio", "{}"),
+    ("lr_mask", "param", "optim.lr_mask", "{}"), ("seed", "param", "run.seed", "{}"),
+    ("steps", "param", "total_iterations", "{}"), ("status", "status", None, "{}"),
+    ("eval val@1", "metric", "eval/val_top1", "{:.1%}"), ("probe val@1", "metric", "probe/val_top1", "{:.1%}"),
+    ("probe test@1", "metric", "probe/test_top1", "{:.1%}"),
+    ("ft val@1", "metric", "finetune/val_top1", "{:.1%}"), ("ft test@1", "metric", "finetune/test_top1", "{:.1%}"),
+)
+
+
+@cli.command()
+@TRACKING_URI
+@EXPERIMENT
+@click.option("--max-results", type=click.IntRange(min=1), default=50, help="Most recent runs to list.")
+def runs(tracking_uri: str | None, experiment: str, max_results: int) -> None:
+    """List the pretrain runs of an experiment with their downstream results (newest first).
+
+    The same numbers, with curves and heatmaps, are in the MLflow UI:
+    'mlflow ui --backend-store-uri URI'.
+    """
+    from training import tracking
+
+    uri = _tracking_uri(tracking_uri)
+    try:
+        client = tracking.client(uri)
+        exp = tracking.experiment_id(client, experiment, create=False)
+        if exp is None:
+            raise UserError(f"--experiment: no experiment '{experiment}' at {uri}")
+        found = client.search_runs([exp], filter_string=f"tags.{tracking.KIND_TAG} = 'pretrain'",
+                                   order_by=["attributes.start_time DESC"], max_results=max_results)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - MlflowException, connection errors
+        raise UserError(f"--tracking-uri: cannot read {uri}: {' '.join(str(err).split())[:200]}") from None
+    rows = []
+    for run in found:
+        row = []
+        for _, where, key, fmt in RUN_COLUMNS:
+            value = {"id": run.info.run_id, "status": run.info.status, "tag": run.data.tags.get(key),
+                     "param": run.data.params.get(key), "metric": run.data.metrics.get(key)}[where]
+            row.append("-" if value is None else fmt.format(value))
+        rows.append(row)
+    header = [c[0] for c in RUN_COLUMNS]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    click.echo(f"experiment '{experiment}' at {uri}: {len(rows)} pretrain run(s)")
+    for row in [header, *rows]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
 def _fail(message: str, code: int) -> None:

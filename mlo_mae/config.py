@@ -95,6 +95,8 @@ class RunConfig:
     checkpoint_every: int = 50  # iterations between checkpoints (and at the end); 0: only at the end
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     max_failures: int = 2  # restarts from the last checkpoint after a worker dies; -1: no limit
+    eval_every: int = 25  # iterations between evaluations on a fixed D_val sample (+ heatmaps); 0: only at the end
+    eval_samples: int = 512  # size of that fixed D_val sample
     probe: bool = True  # linear probe on the test split at the end
 
 
@@ -332,6 +334,10 @@ def validate(cfg: Config) -> None:
     for key in ("batch_head", "batch_mask"):
         if getattr(d, key) < 2:
             raise ConfigError(f"'data.{key}' must be at least 2 (the head normalises over the batch)")
+    if r.eval_every < 0:
+        raise ConfigError(f"'run.eval_every' must be 0 (only at the end) or more, got {r.eval_every}")
+    if r.eval_samples < 1:
+        raise ConfigError(f"'run.eval_samples' must be at least 1, got {r.eval_samples}")
     if r.checkpoint_every < 0:
         raise ConfigError(f"'run.checkpoint_every' must be 0 (only at the end) or more, got {r.checkpoint_every}")
     if r.keep_checkpoints < 1:

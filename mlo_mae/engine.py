@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from .config import Config, from_dict, lr_scale
 from .factory import create_models
-from .hypergradient import (Sync, cross_entropy, exact_hypergradient, hyper_direction, mixed_product_fd,
-                            no_sync, seeded)
+from .hypergradient import (
+    Sync,
+    cross_entropy,
+    exact_hypergradient,
+    hyper_direction,
+    mixed_product_fd,
+    no_sync,
+    seeded,
+)
 from .masking import random_mask, top_k_mask, weighted_reconstruction_loss
 from .optim import build_adamw, set_lr, warmup_cosine
 
@@ -45,7 +53,9 @@ class StepStats:
     loss_val: float | None = None
     val_top1: float | None = None
     hypergrad_norm: float | None = None
-    mask_entropy: float | None = None
+    mask_entropy: float | None = None  # mean binary entropy of T's probabilities (nats)
+    mask_mean_prob: float | None = None  # mean of T's probabilities
+    mask_ratio: float = 0.0  # realised: fraction of patches actually masked (after rounding)
     lr_mae: float = 0.0
     lr_head: float = 0.0
     lr_mask: float = 0.0
@@ -150,11 +160,10 @@ class MLOEngine:
         return contextlib.nullcontext()
 
     # ----- the three stages -----
-    def mae_step(self, images: torch.Tensor) -> tuple[float, float | None]:
-        """One Stage-I step on (E, D); returns the loss and the masking entropy."""
+    def mae_step(self, images: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """One Stage-I step on (E, D); returns the loss and what the mask looked like."""
         baseline = self.cfg.mlo.baseline
         ratio = self.cfg.mlo.mask_ratio
-        entropy = None
         with self._autocast():
             with torch.no_grad():
                 if baseline:
@@ -163,13 +172,16 @@ class MLOEngine:
                 else:
                     probs = self.masknet(self.mae.embed_patches(images))
                     mask = top_k_mask(probs, ratio)
-                    p = probs.float().clamp(1e-6, 1 - 1e-6)
-                    entropy = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+            masking = {"mask_ratio": float(mask.mask.float().mean())}
+            if probs is not None:
+                p = probs.detach().float().clamp(1e-6, 1 - 1e-6)
+                masking["mask_entropy"] = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+                masking["mask_mean_prob"] = float(p.mean())
             errors = self.mae(images, mask.ids_keep, mask.ids_restore)
             loss = weighted_reconstruction_loss(errors, mask.mask, probs)
         self.optimizers["mae"].zero_grad(set_to_none=True)
         loss.backward()
-        return self._optimizer_step("mae", loss), entropy
+        return self._optimizer_step("mae", loss), masking
 
     def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """One Stage-II step on C, on encoder features of whole D_tr images (E is fixed here)."""
@@ -241,13 +253,12 @@ class MLOEngine:
         for module in (self.mae, self.head, self.masknet):
             module.train()
         mlo = not self.cfg.mlo.baseline
-        losses_mae, entropies = [], []
+        losses_mae, maskings = [], []
         for _ in range(self.unroll("mae")):
             images_mae = next(batches["mae"])[0]
-            loss, entropy = self.mae_step(images_mae)
+            loss, masking = self.mae_step(images_mae)
             losses_mae.append(loss)
-            if entropy is not None:
-                entropies.append(entropy)
+            maskings.append(masking)
 
         losses_head = []
         shared = None
@@ -266,6 +277,8 @@ class MLOEngine:
 
         stats = StepStats(iteration=self.iteration, loss_mae=sum(losses_mae) / len(losses_mae),
                           loss_head=sum(losses_head) / len(losses_head))
+        for key in maskings[0]:
+            setattr(stats, key, sum(m[key] for m in maskings) / len(maskings))
         if mlo:
             vals, tops, norms = [], [], []
             for k in range(self.unroll("mask")):
@@ -278,7 +291,6 @@ class MLOEngine:
             stats.loss_val = sum(vals) / len(vals)
             stats.val_top1 = sum(tops) / len(tops)
             stats.hypergrad_norm = sum(norms) / len(norms)
-            stats.mask_entropy = sum(entropies) / len(entropies)
         self.iteration += 1
         stats.lr_mae, stats.lr_head, stats.lr_mask = (self.last_lr(level) for level in LEVELS)
         return stats
@@ -321,7 +333,7 @@ class MLOEngine:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], device: torch.device | str = "cpu",
-                        sync: Sync = no_sync) -> "MLOEngine":
+                        sync: Sync = no_sync) -> MLOEngine:
         """A fresh engine with the saved config, then the saved state."""
         engine = cls(from_dict(state["config"]), state["num_classes"], state["total_steps"], device, sync)
         engine.load_state_dict(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,3 +27,35 @@ def timm_state_dict(mae: MaskedAutoencoderViT, head: ClassificationHead | None =
     if head is not None:
         state["head.weight"], state["head.bias"] = head.folded_linear()
     return state
+
+
+ENCODER_FILE = "encoder.safetensors"
+TIMM_CONFIG_FILE = "timm_config.json"
+
+
+def save_encoder(mae: MaskedAutoencoderViT, cfg: ModelConfig, folder: str | Path) -> Path:
+    """E as ``encoder.safetensors`` (timm's keys) and ``timm_config.json`` (the VisionTransformer's
+    arguments) in ``folder``: ``load_encoder(folder)`` or plain timm + safetensors read them back."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in timm_state_dict(mae).items()}
+    save_file(state, str(folder / ENCODER_FILE), metadata={"format": "pt", "library": "timm"})
+    (folder / TIMM_CONFIG_FILE).write_text(json.dumps(timm_vit_kwargs(cfg), indent=2) + "\n")
+    return folder / ENCODER_FILE
+
+
+def load_encoder(folder: str | Path, num_classes: int = 0):
+    """The timm ``VisionTransformer`` saved by ``save_encoder`` (a fresh head when ``num_classes``)."""
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    folder = Path(folder)
+    kwargs = json.loads((folder / TIMM_CONFIG_FILE).read_text())
+    model = VisionTransformer(**{**kwargs, "num_classes": num_classes})
+    missing, unexpected = model.load_state_dict(load_file(str(folder / ENCODER_FILE)), strict=False)
+    if unexpected or [k for k in missing if not k.startswith("head.")]:
+        raise ValueError(f"{folder / ENCODER_FILE} does not match {TIMM_CONFIG_FILE}: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return model

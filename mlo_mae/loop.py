@@ -1,10 +1,10 @@
-"""The single-process training loop around the engine: progress, ETA, checkpoints."""
+"""The training loop around the engine: one call per iteration, progress and ETA."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 from .engine import Batch, MLOEngine, StepStats
 
@@ -40,25 +40,25 @@ def format_progress(stats: StepStats, progress: Progress) -> str:
     return " | ".join(parts)
 
 
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic event (log, evaluation, checkpoint) falls on ``step``: every ``every``
+    iterations (0: never) and always at the last one."""
+    return step == total or (every > 0 and step % every == 0)
+
+
 def fit(
     engine: MLOEngine,
     batches: Mapping[str, Iterator[Batch]],
-    log_every: int,
-    on_log: Callable[[StepStats, Progress], None],
-    checkpoint_every: int = 0,
-    save: Callable[[], None] | None = None,
+    on_step: Callable[[StepStats, Progress], None],
 ) -> StepStats | None:
-    """Run ``engine`` from its current iteration to ``engine.total_steps``."""
+    """Run ``engine`` from its current iteration to ``engine.total_steps``; ``on_step`` sees every
+    iteration (logging, evaluation and checkpoints are its business, see ``due``)."""
     start_step = engine.iteration
     start = time.perf_counter()
     stats = None
     while engine.iteration < engine.total_steps:
         stats = engine.step(batches)
-        done = engine.iteration
         elapsed = time.perf_counter() - start
-        rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
-        if done % log_every == 0 or done == engine.total_steps or done == start_step + 1:
-            on_log(stats, Progress(done, engine.total_steps, elapsed, rate))
-        if save is not None and checkpoint_every and done % checkpoint_every == 0:
-            save()
+        rate = (engine.iteration - start_step) / elapsed if elapsed > 0 else 0.0
+        on_step(stats, Progress(engine.iteration, engine.total_steps, elapsed, rate))
     return stats

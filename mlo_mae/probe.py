@@ -6,6 +6,7 @@ with the selected probe, at the very end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,16 @@ def _top1(layer: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((layer(x).argmax(-1) == y).float().mean())
 
 
-def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                 test: tuple[torch.Tensor, torch.Tensor] | None, num_classes: int,
+Features = tuple[torch.Tensor, torch.Tensor]
+
+
+def linear_probe(train: Features, val: Features, test: Callable[[], Features] | None, num_classes: int,
                  steps: int = 200) -> ProbeResult:
-    """Multinomial logistic regression on standardised features (train statistics)."""
+    """Multinomial logistic regression on standardised features (train statistics).
+
+    ``test`` is called once, after the probe was chosen on D_val: the test split is not
+    even read before then.
+    """
     mean, std = train[0].mean(0), train[0].std(0) + 1e-6
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -70,5 +77,8 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
         candidates.append((_top1(layer, norm(val[0]), val[1]), wd, layer))
     # Ties go to the stronger regulariser.
     val_top1, wd, best = max(candidates, key=lambda c: (c[0], c[1]))
-    test_top1 = _top1(best, norm(test[0]), test[1]) if test is not None else None
+    if test is None:
+        return ProbeResult(val_top1=val_top1, test_top1=None, weight_decay=wd)
+    x_test, y_test = test()
+    test_top1 = _top1(best, norm(x_test), y_test)
     return ProbeResult(val_top1=val_top1, test_top1=test_top1, weight_decay=wd)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from .manifest import DatasetError
+
 MIN_CHUNKS_PER_RANK = 4
 COLUMNS = ["image", "label", "id"]  # what the readers need of a shard
 
@@ -57,9 +59,18 @@ class Window:
         return sum(c.rows for c in self.chunks)
 
 
+def open_shard(file: str) -> pq.ParquetFile:
+    """A prepared shard; an unreadable one is a one-line ``DatasetError`` naming it."""
+    try:
+        return pq.ParquetFile(file)
+    except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
+        raise DatasetError(f"shard '{file}' cannot be read ({' '.join(str(err).split())[:160]}); "
+                           "prepare the data set again") from None
+
+
 def read_rows(file: str, group: int, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
     """Rows ``start:stop`` of one row group, column by column (encoded images, labels, ids)."""
-    table = pq.ParquetFile(file).read_row_group(group, columns=COLUMNS)
+    table = open_shard(file).read_row_group(group, columns=COLUMNS)
     table = table.slice(start, (table.num_rows if stop is None else stop) - start)
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS}
 
@@ -68,7 +79,7 @@ def list_chunks(files: Sequence[str], world: int) -> list[Chunk]:
     """Row groups of ``files``, sliced so that each of ``world`` ranks gets a few chunks per epoch."""
     groups = []
     for file in files:
-        meta = pq.ParquetFile(file).metadata
+        meta = open_shard(file).metadata
         groups += [(file, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     total = sum(n for *_, n in groups)
     limit = max(1, total // (MIN_CHUNKS_PER_RANK * world))

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import PreparedDataset
-from .plan import read_rows
+from .plan import open_shard, read_rows
 from .streams import StreamSpec
 from .transforms import transform_batch
 
@@ -32,7 +31,7 @@ class ParquetImages(IterableDataset):
         self.epoch = epoch
 
     def _units(self) -> list[tuple[str, int]]:
-        units = [(f, g) for f in self.files for g in range(pq.ParquetFile(f).num_row_groups)]
+        units = [(f, g) for f in self.files for g in range(open_shard(f).num_row_groups)]
         if self.shuffle:
             order = np.random.default_rng([self.spec.seed, self.epoch]).permutation(len(units))
             units = [units[i] for i in order]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Iterator
 
 import pytest
@@ -11,6 +12,20 @@ import torch
 from mlo_mae.config import Config, ModelConfig, resolve
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def mlflow_store(tmp_path_factory):
+    """Every run the tests start (in this process or in a child) logs to one throw-away sqlite store,
+    not to ./mlflow.db; a test about a server passes its own --tracking-uri."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def tiny_model() -> ModelConfig:

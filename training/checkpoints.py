@@ -16,7 +16,6 @@ import os
 from typing import Any
 
 import pyarrow.fs
-import ray.train
 import torch
 
 from mlo_mae.checkpoint import save_atomic
@@ -48,25 +47,47 @@ def _complete_iteration(fs: pyarrow.fs.FileSystem, folder: str) -> int | None:
     return int(meta["iteration"]) if meta.get("state_bytes") == state.size else None
 
 
-def latest(run_dir: str) -> ray.train.Checkpoint | None:
+def complete_in(run_dir: str) -> list[tuple[int, str]]:
+    """(iteration, folder) of every complete checkpoint folder in ``run_dir``, oldest first."""
+    fs, root = filesystem(run_dir)
+    found = []
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            iteration = _complete_iteration(fs, entry.path)
+            if iteration is not None:
+                found.append((iteration, entry.path if "://" not in run_dir else f"{run_dir}/{entry.base_name}"))
+    return sorted(found)
+
+
+def is_complete(folder: str) -> bool:
+    fs, path = filesystem(folder)
+    return _complete_iteration(fs, path) is not None
+
+
+def latest(run_dir: str):
     """The newest complete checkpoint: Ray Train's own, or a newer complete one in ``run_dir``."""
+    import ray.train
+
     found = []
     registered = ray.train.get_checkpoint()
     if registered is not None:
         iteration = _complete_iteration(registered.filesystem, registered.path)
         if iteration is not None:
             found.append((iteration, registered))
-    fs, root = filesystem(run_dir)
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    for entry in entries:
-        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
-            iteration = _complete_iteration(fs, entry.path)
-            if iteration is not None:
-                found.append((iteration, ray.train.Checkpoint(entry.path, filesystem=fs)))
+    fs, _ = filesystem(run_dir)
+    for iteration, folder in complete_in(run_dir):
+        found.append((iteration, ray.train.Checkpoint(filesystem(folder)[1], filesystem=fs)))
     return max(found, key=lambda item: item[0])[1] if found else None
 
 
-def load(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """The saved state, plain tensors only (``weights_only``)."""
+def read_state(folder: str) -> dict[str, Any]:
+    """The state saved in a checkpoint folder (local path or URI), plain tensors only (``weights_only``)."""
+    fs, path = filesystem(folder)
+    with fs.open_input_stream(f"{path}/{STATE_FILE}") as handle:
+        return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
+
+
+def load(checkpoint) -> dict[str, Any]:
+    """The state of a ``ray.train.Checkpoint``."""
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as handle:
         return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)

@@ -104,8 +104,9 @@ def resources(cfg: config_mod.Config, launch: Launch) -> tuple[bool, dict[str, f
 
 
 def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
-                 echo: Callable[[str], None]) -> dict[str, Any]:
-    """Train to the end (or continue run ``launch.name``); returns rank 0's final metrics and checkpoint."""
+                 echo: Callable[[str], None], tracking: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train to the end (or continue run ``launch.name``); returns rank 0's final metrics and checkpoint.
+    ``tracking``: {"uri", "run_id"} of the MLflow run that rank 0 logs to."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -121,7 +122,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
         train_loop_config={"config": cfg.to_dict(), "dataset_path": str(data.root.resolve()), "progress": progress,
                            "run_dir": f"{storage_uri(launch.storage_path)}/{launch.name}",
                            # fault injection for tests: level:batch:rank gets NaN images
-                           "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN")},
+                           "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN"), "tracking": tracking},
         scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(

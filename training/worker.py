@@ -10,7 +10,6 @@ alone prints progress (through a queue to the driver) and runs the final probe.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tempfile
@@ -24,14 +23,16 @@ from mlo_mae import config as config_mod
 from mlo_mae.distributed import allreduce_mean, gather_objects, module_digest
 from mlo_mae.engine import MLOEngine, NonFiniteLossError, resolve_device
 from mlo_mae.hypergradient import no_sync
-from mlo_mae.loop import fit, format_progress
-from mlo_mae.probe import extract_features, linear_probe
+from mlo_mae.loop import due, fit, format_progress
 from pipelines.manifest import PreparedDataset, load_prepared
 from pipelines.plan import RankPlan, list_chunks
 from pipelines.ray_data import LevelStream, configure_data_context
 from pipelines.streams import LEVELS, Normalizer, level_specs, normalized
 
 from . import checkpoints
+from .downstream import probe_encoder
+from .recording import Recorder
+from .tracking import RunLogger
 
 
 class ResumeError(RuntimeError):
@@ -55,26 +56,6 @@ def window_rows(batch: int) -> int:
     return max(4 * batch, 512)
 
 
-def _features(mae, data, spec, norm: Normalizer, batch_size: int = 256):
-    from pipelines.torch_data import loader
-
-    feats, labels = [], []
-    for images, y in loader(data, spec, batch_size, shuffle=False, drop_last=False):
-        x, _ = norm(images, y)
-        feats.append(extract_features(mae, x, batch_size))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def probe_encoder(mae, data, cfg: config_mod.Config, norm: Normalizer):
-    """Linear probe on eval-transformed D_tr / D_val; the test split is read here, once, at the end."""
-    specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed)
-    evaluate = {split: dataclasses.replace(specs["mask"], split=split, train=False)
-                for split in ("train", "val", "test")}
-    feats = {split: _features(mae, data, spec, norm) for split, spec in evaluate.items()}
-    return linear_probe(feats["train"], feats["val"], feats["test"], data.num_classes)
-
-
 def data_position(engine: MLOEngine, cfg: config_mod.Config, world: int) -> dict[str, Any]:
     """Where each level's stream stands: batches drawn (the same on every rank) and the plan's shape."""
     return {"world_size": world, "seed": cfg.run.seed,
@@ -82,11 +63,12 @@ def data_position(engine: MLOEngine, cfg: config_mod.Config, world: int) -> dict
                        for level in LEVELS}}
 
 
-def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str) -> bool:
-    """Load the run's latest checkpoint into ``engine``, if there is one; check it fits this run."""
+def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str) -> dict[str, Any] | None:
+    """Load the run's latest checkpoint into ``engine``, if there is one; check it fits this run.
+    Returns the whole saved state (the recorder's part too), None when starting afresh."""
     checkpoint = checkpoints.latest(run_dir)
     if checkpoint is None:
-        return False
+        return None
     state = checkpoints.load(checkpoint)
     saved = state["data"]
     if saved["world_size"] != world:
@@ -95,7 +77,7 @@ def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str
     if state["engine"]["config"] != cfg.to_dict():
         raise ResumeError("the checkpoint's config differs from this run's")
     engine.load_state_dict(state["engine"])
-    return True
+    return state
 
 
 def _streams(engine: MLOEngine, data: PreparedDataset, cfg: config_mod.Config, rank: int, world: int):
@@ -144,43 +126,69 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
     engine = MLOEngine(cfg, data.num_classes, total_iterations(cfg, data.count("train")), device,
                        sync=allreduce_mean if world > 1 else no_sync, rank=rank, world_size=world)
     try:
-        resumed = _restore(engine, cfg, world, params["run_dir"])
+        restored = _restore(engine, cfg, world, params["run_dir"])
     except ResumeError as err:  # deterministic: ending normally keeps Ray Train from retrying it
         say("error", f"cannot resume: {err}")
         return
-    if resumed:
-        say("log", f"resumed from the checkpoint at iteration {engine.iteration}/{engine.total_steps}")
-    raw = _streams(engine, data, cfg, rank, world)
     norm = Normalizer(data.mean, data.std, device)
+    recorder = None
+    if rank == 0:  # metrics, evaluations and heatmaps come from rank 0 only
+        tracking = params.get("tracking")
+        logger = RunLogger(tracking["uri"], tracking["run_id"], lambda text: say("log", text)) if tracking else None
+        recorder = Recorder(logger, engine, data, cfg, norm, lambda text: say("log", text))
+        if restored is not None:
+            recorder.load_state_dict(restored.get("recorder", {}))
+    if restored is not None:
+        say("log", f"resumed from the checkpoint at iteration {engine.iteration}/{engine.total_steps}")
+    elif recorder is not None:
+        recorder.evaluate()  # step 0: the masks before any training
+    raw = _streams(engine, data, cfg, rank, world)
     streams = {level: normalized(stream, norm) for level, stream in raw.items()}
     _inject_nan(params.get("inject_nan"), streams, rank, dict(engine.level_steps))
     images_per_iteration = cfg.data.batch_mae * cfg.mlo.unroll_mae * world
+    first_step = engine.iteration + 1
+    saved = {"iteration": engine.iteration if restored is not None else None}
 
-    saved = {"iteration": engine.iteration if resumed else None}
-
-    def checkpoint(metrics: dict[str, Any]) -> None:
-        """Report with a checkpoint: rank 0 writes the state, every rank reports (Ray Train's protocol)."""
+    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        """Every rank reports at the same steps; rank 0 attaches the checkpoint (Ray Train's protocol)."""
+        if not with_checkpoint:
+            ray.train.report({"iteration": engine.iteration, **metrics})
+            return
         saved["iteration"] = engine.iteration
         with tempfile.TemporaryDirectory(prefix="mlo-mae-ckpt-") as folder:
             if rank == 0:
-                checkpoints.write(folder, {"engine": engine.state_dict(), "data": data_position(engine, cfg, world)})
+                checkpoints.write(folder, {"engine": engine.state_dict(), "data": data_position(engine, cfg, world),
+                                           "recorder": recorder.state_dict()})
             ray.train.report({"iteration": engine.iteration, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
-    def on_log(stats, prog) -> None:
-        wait = sum(s.wait_s for s in raw.values())
-        say("log", format_progress(stats, prog) + f" | {images_per_iteration * prog.steps_per_s:.0f} img/s"
-                   f" | data wait {100 * wait / max(prog.elapsed_s, 1e-9):.0f}%")
-        ray.train.report({"iteration": prog.step, "loss_mae": stats.loss_mae, "loss_head": stats.loss_head,
-                          **({"loss_val": stats.loss_val} if stats.loss_val is not None else {})})
-
-    def periodic_checkpoint() -> None:
-        if engine.iteration < engine.total_steps:  # the final one follows, with the final metrics
-            checkpoint({})
+    def on_step(stats, prog) -> None:
+        done, total, r = prog.step, prog.total, cfg.run
+        images_per_s = images_per_iteration * prog.steps_per_s
+        wait = sum(s.wait_s for s in raw.values()) / max(prog.elapsed_s, 1e-9)
+        if recorder is not None:
+            recorder.step(stats, images_per_s, wait)
+        metrics: dict[str, Any] = {}
+        if due(done, r.log_every, total) or done == first_step:
+            say("log", format_progress(stats, prog) + f" | {images_per_s:.0f} img/s | data wait {100 * wait:.0f}%")
+            metrics.update(loss_mae=stats.loss_mae, loss_head=stats.loss_head,
+                           **({"loss_val": stats.loss_val} if stats.loss_val is not None else {}))
+            if recorder is not None:
+                recorder.flush()
+        if due(done, r.eval_every, total):
+            metrics["evaluated"] = True  # rank 0 adds the numbers; every rank reports at this step
+            if recorder is not None:
+                ev = recorder.evaluate()
+                metrics.update(val_top1=ev.val_top1, val_loss=ev.val_loss)
+                say("log", f"evaluation at step {done}: D_val sample of {len(recorder.labels)} images, "
+                           f"top-1 {100 * ev.val_top1:.1f}%, loss {ev.val_loss:.4f}")
+        checkpoint_now = r.checkpoint_every > 0 and done % r.checkpoint_every == 0 and done < total
+        if metrics or checkpoint_now:
+            report(metrics, checkpoint_now)  # the final checkpoint follows, with the final metrics
 
     start = time.perf_counter()
     try:
-        fit(engine, streams, cfg.run.log_every, on_log, cfg.run.checkpoint_every, periodic_checkpoint)
+        fit(engine, streams, on_step)
     except NonFiniteLossError as err:
         # Every rank raises at the same step (the loss is averaged with the gradients). Ending
         # normally, not by an exception, keeps Ray Train from retrying a run that would diverge again.
@@ -192,17 +200,22 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
     finally:
         for stream in raw.values():
             stream.close()
+        if recorder is not None:
+            recorder.flush()
     digests = gather_objects({"mae": module_digest(engine.mae), "head": module_digest(engine.head),
                               "masknet": module_digest(engine.masknet)})
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
                                "replica_digests": digests, "replicas_identical": all(d == digests[0] for d in digests)}
     if rank == 0 and not metrics["replicas_identical"]:
         say("log", f"warning: the {world} replicas ended with different parameters: {digests}")
-    checkpoint(metrics)
-    if rank == 0 and cfg.run.probe:
-        result = probe_encoder(engine.mae, data, cfg, norm)
-        metrics.update(probe_val_top1=result.val_top1, probe_test_top1=result.test_top1)
-        say("log", f"linear probe (frozen encoder, L2 {result.weight_decay:g} chosen on D_val): "
-                   f"D_val top-1 {100 * result.val_top1:.1f}% | test top-1 {100 * result.test_top1:.1f}%")
+    report(metrics, True)
+    if recorder is not None:
+        probe = None
+        if cfg.run.probe:
+            probe = probe_encoder(engine.mae, data, cfg, device)
+            metrics.update(probe_val_top1=probe.val_top1, probe_test_top1=probe.test_top1)
+            say("log", f"linear probe (frozen encoder, L2 {probe.weight_decay:g} chosen on D_val): "
+                       f"D_val top-1 {100 * probe.val_top1:.1f}% | test top-1 {100 * probe.test_top1:.1f}%")
+        recorder.finish(metrics, probe)
     say("metrics", {"iteration": engine.iteration, **metrics})
     ray.train.report({"iteration": engine.iteration, **metrics})

@@ -1,0 +1,387 @@
+"""What the masking network T learned, drawn as images a researcher reads at a glance.
+
+A :class:`MaskSnapshot` records what T does on a fixed validation sample at one
+training step (probabilities, the hard mask training would use, labels and the
+pictures); the ``render_*`` functions turn one snapshot (or a series) into RGB
+PIL images of fixed pixel sizes, so that images logged at different steps line
+up in a viewer (e.g. MLflow's image comparison) and every colour scale is 0..1.
+
+Matplotlib is used through its object API only (``Figure`` + ``FigureCanvasAgg``):
+nothing global (pyplot state, the backend, rcParams) is changed.
+
+Every rendered image carries, in ``image.info["axes_px"]``, the pixel box
+``(left, top, right, bottom)`` of each heatmap axes, so that a test (or a
+script) can read a cell's colour back from the pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+
+from .mae import MaskedAutoencoderViT
+from .masking import Mask, _mask_from_order, num_masked, top_k_mask
+
+DPI = 100
+MEAN_SIZE = (900, 420)  # render_mean and each render_evolution frame, (width, height) pixels
+PANEL_SIZE = (1000, 330)  # render_panel
+CLASSES_SIZE = (900, 460)  # render_classes
+STRIP_SIZE = (1200, 180)  # render_evolution's strip
+PROB_CMAP = "magma"  # masking probability
+FREQ_CMAP = "viridis"  # how often a patch is masked
+STRIP_MAX = 12  # most snapshots shown in the evolution strip
+_NORM = Normalize(vmin=0.0, vmax=1.0)  # every colour scale is fixed, so steps compare
+
+
+@dataclass
+class MaskSnapshot:
+    """What T does on a fixed D_val sample at one step (CPU tensors)."""
+
+    step: int
+    grid: tuple[int, int]  # patch grid (rows, cols)
+    probs: torch.Tensor  # (B, N) float32 masking probability per patch
+    masks: torch.Tensor  # (B, N) float32 0/1, the patches training would mask
+    labels: torch.Tensor  # (B,) int64
+    images: torch.Tensor  # (B, H, W, 3) uint8 for display (already de-normalised by the caller)
+    baseline: bool
+
+    def __post_init__(self) -> None:
+        """Catch shape mix-ups here rather than as a confusing picture later."""
+        rows, cols = self.grid
+        b = self.probs.shape[0]
+        if self.probs.shape != (b, rows * cols) or self.masks.shape != self.probs.shape:
+            raise ValueError(f"probs {tuple(self.probs.shape)} and masks {tuple(self.masks.shape)} "
+                             f"must both be (B, {rows * cols}) for grid {self.grid}")
+        if self.labels.shape != (b,):
+            raise ValueError(f"labels {tuple(self.labels.shape)} must be ({b},)")
+        if self.images.dim() != 4 or self.images.shape[0] != b or self.images.shape[-1] != 3:
+            raise ValueError(f"images {tuple(self.images.shape)} must be ({b}, H, W, 3)")
+        if self.images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8, not {self.images.dtype}")
+
+    @property
+    def mode(self) -> str:
+        """Which method produced the masks, as the figure titles say it."""
+        return "baseline MAE" if self.baseline else "MLO-MAE"
+
+    def mean_map(self) -> np.ndarray:
+        """(rows, cols) mean probability over the sample: where T wants to mask on average."""
+        return self.probs.double().mean(0).reshape(self.grid).numpy()
+
+    def mask_frequency(self) -> np.ndarray:
+        """(rows, cols) fraction of images in which the patch is masked: what training actually hides."""
+        return self.masks.double().mean(0).reshape(self.grid).numpy()
+
+    def class_maps(self, max_classes: int = 10) -> dict[int, np.ndarray]:
+        """Per-class mean probability for the first ``max_classes`` class ids present (sorted):
+        whether T masks differently for different content."""
+        ids = sorted(set(self.labels.tolist()))[:max_classes]
+        return {c: self.probs[self.labels == c].double().mean(0).reshape(self.grid).numpy() for c in ids}
+
+
+class _EvalMode:
+    """Puts modules (every submodule) in eval mode and restores each one's own previous mode."""
+
+    def __init__(self, *modules: nn.Module | None) -> None:
+        self.saved = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
+
+    def __enter__(self) -> None:
+        for m, _ in self.saved:
+            m.training = False
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.saved:
+            m.training = mode
+
+
+def seeded_random_mask(batch: int, num_patches: int, mask_ratio: float, seed: int) -> Mask:
+    """``random_mask`` (uniform, same count) from a local generator: the global RNG is not touched,
+    so drawing a baseline snapshot does not change the training run's random stream."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.argsort(torch.rand(batch, num_patches, generator=gen), dim=1)
+    return _mask_from_order(order, num_masked(num_patches, mask_ratio))
+
+
+@torch.no_grad()
+def snapshot(mae: MaskedAutoencoderViT, masknet: nn.Module | None, images: torch.Tensor, labels: torch.Tensor,
+             display: torch.Tensor, mask_ratio: float, baseline: bool, step: int, seed: int = 0) -> MaskSnapshot:
+    """Record what T does on a fixed batch at ``step``.
+
+    images: normalised model input (B,C,H,W) on the model's device; display: (B,H,W,3) uint8.
+    MLO: probs = masknet(mae.embed_patches(images)), masks = top_k_mask(probs, ratio).mask.
+    Baseline (masknet may be None): every patch has probability k/N (k = num_masked(N, ratio)) and
+    the masks are uniformly random, drawn from a generator seeded with ``seed`` (the global RNG is
+    untouched). Modules run in eval mode and get their previous train/eval modes back.
+    """
+    grid = (int(mae.patch_embed.grid_size[0]), int(mae.patch_embed.grid_size[1]))
+    n = mae.num_patches
+    b = images.shape[0]
+    if baseline:
+        k = num_masked(n, mask_ratio)
+        probs = torch.full((b, n), k / n, dtype=torch.float32)
+        masks = seeded_random_mask(b, n, mask_ratio, seed).mask
+    else:
+        if masknet is None:
+            raise ValueError("an MLO snapshot needs the masking network")
+        with _EvalMode(mae, masknet):
+            probs = masknet(mae.embed_patches(images))
+        masks = top_k_mask(probs, mask_ratio).mask
+    return MaskSnapshot(step=int(step), grid=grid, probs=probs.detach().float().cpu(),
+                        masks=masks.detach().float().cpu(), labels=labels.detach().to(torch.int64).cpu(),
+                        images=display.detach().cpu(), baseline=bool(baseline))
+
+
+# ----------------------------------------------------------------------------- drawing helpers
+
+def _figure(size: tuple[int, int]) -> Figure:
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, facecolor="white", layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _to_image(fig: Figure, size: tuple[int, int], axes: dict[str, Axes | list[Axes]],
+              keep: bool = False) -> Image.Image:
+    """Draw, copy the RGBA buffer to an RGB image and record each named axes' pixel box;
+    the figure is cleared (its memory freed) unless ``keep``."""
+    canvas = fig.canvas
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    image = Image.fromarray(np.ascontiguousarray(rgba[..., :3]))
+    if image.size != size:  # a fixed size is the point; never hand back anything else
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    height = rgba.shape[0]
+
+    def box(ax: Axes) -> tuple[int, int, int, int]:
+        e = ax.get_window_extent()
+        return (round(e.x0), round(height - e.y1), round(e.x1), round(height - e.y0))
+
+    image.info["axes_px"] = {name: [box(a) for a in v] if isinstance(v, list) else box(v)
+                             for name, v in axes.items()}
+    if not keep:
+        fig.clear()
+    return image
+
+
+def _heatmap(ax: Axes, values: np.ndarray, cmap: str, ticks: bool = True):
+    """One pixel per patch, nearest interpolation, faint patch boundaries."""
+    rows, cols = values.shape
+    im = ax.imshow(values, cmap=cmap, norm=_NORM, interpolation="nearest")
+    # Patch boundaries as two line collections (minor-tick grid lines cost far more to lay out).
+    style = {"colors": "white", "alpha": 0.3, "linewidth": 0.5}
+    ax.vlines(np.arange(0.5, cols - 1, 1), -0.5, rows - 0.5, **style)
+    ax.hlines(np.arange(0.5, rows - 1, 1), -0.5, cols - 0.5, **style)
+    if ticks:
+        ax.set_xticks(range(0, cols, max(1, math.ceil(cols / 7))))
+        ax.set_yticks(range(0, rows, max(1, math.ceil(rows / 7))))
+        ax.tick_params(which="major", labelsize=8, length=2)
+    else:
+        ax.tick_params(which="major", bottom=False, left=False, labelbottom=False, labelleft=False)
+    return im
+
+
+def _colorbar(fig: Figure, axes, cmap: str, label: str) -> None:
+    cb = fig.colorbar(ScalarMappable(norm=_NORM, cmap=cmap), ax=axes, fraction=0.05, pad=0.02, aspect=25)
+    cb.set_label(label, fontsize=9)
+    cb.ax.tick_params(labelsize=8)
+
+
+def _upscaled(image: np.ndarray, target: int = 256) -> np.ndarray:
+    """Nearest-neighbour upscale by an integer factor, so tiny images keep hard patch edges."""
+    f = max(1, math.ceil(target / max(image.shape[:2])))
+    return image.repeat(f, axis=0).repeat(f, axis=1) if f > 1 else image
+
+
+def _short(name: str, limit: int = 12) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _class_name(c: int, class_names: list[str] | None) -> str:
+    return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+
+def _masked_count(snap: MaskSnapshot) -> str:
+    n = snap.grid[0] * snap.grid[1]
+    k = snap.masks.double().sum(1).mean().item() if snap.masks.shape[0] else 0.0
+    return f"{k:.0f}/{n}" if abs(k - round(k)) < 1e-6 else f"{k:.1f}/{n}"
+
+
+def _mean_title(snap: MaskSnapshot) -> str:
+    return (f"{snap.mode} · step {snap.step}   ({snap.probs.shape[0]} images, "
+            f"{_masked_count(snap)} patches masked each)")
+
+
+def _mean_figure(snap: MaskSnapshot) -> tuple[Figure, dict[str, Axes], list]:
+    """The figure of ``render_mean``, its two heatmap axes and the artists that change per snapshot."""
+    fig = _figure(MEAN_SIZE)
+    ax_p, ax_f = fig.subplots(1, 2)
+    im_p = _heatmap(ax_p, snap.mean_map(), PROB_CMAP)
+    ax_p.set_title("mean masking probability", fontsize=10)
+    _colorbar(fig, ax_p, PROB_CMAP, "probability")
+    im_f = _heatmap(ax_f, snap.mask_frequency(), FREQ_CMAP)
+    ax_f.set_title("how often masked", fontsize=10)
+    _colorbar(fig, ax_f, FREQ_CMAP, "fraction of images")
+    for ax in (ax_p, ax_f):
+        ax.set_xlabel("patch column", fontsize=9)
+        ax.set_ylabel("patch row", fontsize=9)
+    title = fig.suptitle(_mean_title(snap), fontsize=11)
+    return fig, {"mean": ax_p, "frequency": ax_f}, [im_p, im_f, title]
+
+
+# ----------------------------------------------------------------------------- public renders
+
+def render_mean(snap: MaskSnapshot) -> Image.Image:
+    """Where T masks: the mean probability map beside how often each patch is actually masked.
+
+    Both on a fixed 0..1 scale so that images from different steps compare. ``MEAN_SIZE`` pixels;
+    ``info["axes_px"]`` holds the boxes of the "mean" and "frequency" heatmaps.
+    """
+    fig, axes, _ = _mean_figure(snap)
+    return _to_image(fig, MEAN_SIZE, axes)
+
+
+def render_panel(snap: MaskSnapshot, count: int = 8, class_names: list[str] | None = None) -> Image.Image:
+    """Individual images: top row the masked patches greyed out, bottom row T's probability overlaid.
+
+    Shows whether T follows the content (objects, edges) rather than a fixed position.
+    At most ``count`` images; ``PANEL_SIZE`` pixels; ``info["axes_px"]`` holds the "masked" and
+    "probability" rows (lists of boxes, one per image).
+    """
+    rows, cols = snap.grid
+    shown = max(0, min(count, snap.probs.shape[0]))
+    fig = _figure(PANEL_SIZE)
+    fig.suptitle(f"{snap.mode} · step {snap.step}: masked patches (top) and masking probability (bottom)",
+                 fontsize=11)
+    if shown == 0:
+        fig.text(0.5, 0.5, "no images", ha="center", va="center")
+        return _to_image(fig, PANEL_SIZE, {})
+    # Always ``count`` columns (spares left blank) so that every panel has the same layout.
+    all_axes = np.asarray(fig.subplots(2, max(count, shown), squeeze=False))
+    for ax in all_axes[:, shown:].ravel():
+        ax.set_axis_off()
+    axes = all_axes[:, :shown]
+    extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)  # pixels and patch grid cover the same square
+    shade = np.zeros((rows, cols, 4))
+    shade[..., :3] = 0.12
+    cmap = colormaps[PROB_CMAP]
+    for i in range(shown):
+        picture = _upscaled(snap.images[i].numpy())
+        mask = snap.masks[i].reshape(rows, cols).numpy()
+        prob = snap.probs[i].reshape(rows, cols).numpy()
+        top, bottom = axes[0, i], axes[1, i]
+        top.imshow(picture, extent=extent, interpolation="antialiased")
+        shade[..., 3] = 0.8 * mask
+        top.imshow(shade.copy(), extent=extent, interpolation="nearest")
+        bottom.imshow(picture, extent=extent, interpolation="antialiased")
+        bottom.imshow(cmap(_NORM(prob)), extent=extent, interpolation="nearest", alpha=0.6)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        bottom.set_xlabel(_short(_class_name(int(snap.labels[i]), class_names)), fontsize=9)
+    axes[0, 0].set_ylabel("masked", fontsize=9)
+    axes[1, 0].set_ylabel("P(mask)", fontsize=9)
+    _colorbar(fig, all_axes.ravel().tolist(), PROB_CMAP, "masking probability")
+    return _to_image(fig, PANEL_SIZE, {"masked": list(axes[0]), "probability": list(axes[1])})
+
+
+def render_classes(snap: MaskSnapshot, class_names: list[str] | None = None, max_classes: int = 10) -> Image.Image:
+    """Mean probability map per class (the first ``max_classes`` present): does T mask by content?
+
+    ``CLASSES_SIZE`` pixels; ``info["axes_px"]["classes"]`` lists one box per class, in class order.
+    """
+    maps = snap.class_maps(max_classes)
+    fig = _figure(CLASSES_SIZE)
+    fig.suptitle(f"{snap.mode} · step {snap.step}: mean masking probability per class", fontsize=11)
+    if not maps:
+        fig.text(0.5, 0.5, "no images", ha="center", va="center")
+        return _to_image(fig, CLASSES_SIZE, {"classes": []})
+    # A fixed grid for ``max_classes`` maps (spares left blank): the maps keep one size whatever the count.
+    ncols = min(5, max(max_classes, len(maps)))
+    nrows = math.ceil(max(max_classes, len(maps)) / ncols)
+    grid = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    used = []
+    for ax, (c, values) in zip(grid, maps.items(), strict=False):  # spare axes stay empty
+        _heatmap(ax, values, PROB_CMAP, ticks=False)
+        count = int((snap.labels == c).sum())
+        ax.set_title(f"{_short(_class_name(c, class_names))} (n={count})", fontsize=9)
+        used.append(ax)
+    for ax in grid[len(maps):]:
+        ax.set_axis_off()
+    _colorbar(fig, grid.tolist(), PROB_CMAP, "masking probability")
+    return _to_image(fig, CLASSES_SIZE, {"classes": used})
+
+
+def strip_indices(count: int, max_shown: int = STRIP_MAX) -> list[int]:
+    """At most ``max_shown`` indices into ``count`` snapshots, evenly spaced, first and last always in."""
+    if count <= max_shown:
+        return list(range(count))
+    if max_shown == 1:
+        return [count - 1]
+    # floor(x + 0.5) is monotone with step >= 1 here, so the picks are distinct.
+    return [math.floor(i * (count - 1) / (max_shown - 1) + 0.5) for i in range(max_shown)]
+
+
+def _mean_frames(snaps: list[MaskSnapshot]) -> list[Image.Image]:
+    """``render_mean`` of each snapshot, from one figure laid out once: the frames of an animation
+    keep every axes in place (no jitter), and redrawing is several times faster than rebuilding."""
+    if not snaps:
+        return []
+    grids = {s.grid for s in snaps}
+    if len(grids) > 1:
+        raise ValueError(f"snapshots of different patch grids {sorted(grids)} cannot share an animation")
+    fig, axes, (im_p, im_f, title) = _mean_figure(snaps[0])
+    frames = [_to_image(fig, MEAN_SIZE, axes, keep=True)]
+    fig.set_layout_engine("none")  # freeze the positions constrained layout found
+    for snap in snaps[1:]:
+        im_p.set_data(snap.mean_map())
+        im_f.set_data(snap.mask_frequency())
+        title.set_text(_mean_title(snap))
+        frames.append(_to_image(fig, MEAN_SIZE, axes, keep=True))
+    fig.clear()
+    return frames
+
+
+def render_evolution(snaps: list[MaskSnapshot]) -> tuple[list[Image.Image], Image.Image]:
+    """How the mean map changes over training: one ``render_mean`` frame per snapshot (for a GIF) and a
+    strip of at most ``STRIP_MAX`` mean maps side by side, labelled by step, on one 0..1 colour bar.
+
+    The strip is ``STRIP_SIZE`` pixels; its ``info["steps"]`` lists the steps it shows and
+    ``info["axes_px"]["maps"]`` their boxes.
+    """
+    frames = _mean_frames(snaps)
+    picks = strip_indices(len(snaps))
+    fig = _figure(STRIP_SIZE)
+    mode = snaps[0].mode if snaps else "MLO-MAE"
+    fig.suptitle(f"{mode}: mean masking probability over training", fontsize=11)
+    if not picks:
+        fig.text(0.5, 0.5, "no snapshots", ha="center", va="center")
+        strip = _to_image(fig, STRIP_SIZE, {"maps": []})
+    else:
+        axes = np.asarray(fig.subplots(1, len(picks), squeeze=False)).ravel()
+        for ax, i in zip(axes, picks, strict=True):
+            _heatmap(ax, snaps[i].mean_map(), PROB_CMAP, ticks=False)
+            ax.set_xlabel(f"step {snaps[i].step}", fontsize=8 if len(picks) > 8 else 9)
+        _colorbar(fig, axes.tolist(), PROB_CMAP, "probability")
+        strip = _to_image(fig, STRIP_SIZE, {"maps": list(axes)})
+    strip.info["steps"] = [snaps[i].step for i in picks]
+    return frames, strip
+
+
+def save_gif(frames: list[Image.Image], path: str | os.PathLike, seconds_per_frame: float = 0.6) -> None:
+    """Write an endlessly looping animated GIF. (Pillow merges identical consecutive frames into one.)"""
+    if not frames:
+        raise ValueError("no frames to save")
+    first, *rest = [f.convert("RGB") for f in frames]
+    first.save(path, format="GIF", save_all=True, append_images=rest,
+               duration=max(20, round(seconds_per_frame * 1000)), loop=0, disposal=1)

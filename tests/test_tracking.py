@@ -1,0 +1,239 @@
+"""Runs recorded in a real `mlflow server` (sqlite backend, proxied artifacts, loopback, a free port),
+read back through `MlflowClient` as a user of the MLflow UI would see them.
+
+The data set is a copy of the built-in digits whose test shards are overwritten
+with garbage after preparation: a pretrain run and every fine-tuning epoch
+complete on it, so nothing reads the test split before the final evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mlo_mae.export import load_encoder
+from mlo_mae.heatmaps import CLASSES_SIZE, MEAN_SIZE, PANEL_SIZE
+from training.pretrained import load_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+RUN_ID = re.compile(r"^MLflow run ([0-9a-f]{32}) ", re.M)
+
+
+def mlo_mae(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` on loopback; its URI. Stopped with SIGTERM at the end of the module."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server",
+                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                             "--artifacts-destination", str(folder / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), env=env)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "mlflow server did not answer /health in 180 s"
+        time.sleep(1)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sealed_digits(tmp_path_factory):
+    """Digits prepared afresh, then every test shard overwritten: reading the test split fails."""
+    folder = tmp_path_factory.mktemp("data") / "digits"
+    prepared = mlo_mae("prepare", "digits", str(folder), "--shard-rows", "128", cwd=folder.parent)
+    assert prepared.returncode == 0, prepared.stderr
+    test_shards = sorted((folder / "test").glob("*.parquet"))
+    assert test_shards
+    for shard in test_shards:
+        shard.write_bytes(b"not a parquet file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(server, sealed_digits, tmp_path_factory):
+    """An MLO-MAE and a baseline run on the sealed data, logged to the server."""
+    cwd = tmp_path_factory.mktemp("work")
+    common = ["--max-steps", str(STEPS), "--batch-size", "16", "--dataset", str(sealed_digits),
+              "-o", "run.log_every=1", "-o", "run.eval_every=2", "-o", "run.eval_samples=40",
+              "-o", "run.probe=false", "--tracking-uri", server, "--experiment", "tracked"]
+    ids = {}
+    for name, extra in (("mlo", []), ("base", ["--baseline"])):
+        result = mlo_mae("pretrain", "--name", name, *common, *extra, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        ids[name] = RUN_ID.search(result.stdout).group(1)
+    return {"uri": server, "ids": ids, "cwd": cwd, "data": sealed_digits}
+
+
+def _client(uri):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _files(client, run_id, path=None):
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += _files(client, run_id, item.path) if item.is_dir else [item.path]
+    return out
+
+
+def test_params_tags_and_per_level_metrics(runs):
+    client = _client(runs["uri"])
+    run = client.get_run(runs["ids"]["mlo"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "mlo"
+    params, tags = run.data.params, run.data.tags
+    assert params["mlo.mask_ratio"] == "0.75" and params["model.embed_dim"] == "192"
+    assert params["data.batch_mae"] == "16" and params["run.max_steps"] == str(STEPS)
+    assert params["dataset.name"] == "digits" and params["dataset.classes"] == "10"
+    assert params["dataset.test_images"] == "359" and params["total_iterations"] == str(STEPS)
+    assert tags["mlo_mae.kind"] == "pretrain" and tags["mlo_mae.mode"] == "mlo" and tags["mlo_mae.preset"] == "tiny"
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["mlflow.source.git.commit"])
+    assert tags["version.torch"] == torch.__version__.split("+")[0] or tags["version.torch"] == torch.__version__
+    assert Path(tags["mlo_mae.checkpoint"]).parent == runs["cwd"] / "ray_results" / "mlo"
+    for key in ("train/loss_mae", "train/loss_head", "train/loss_val", "train/hypergrad_norm", "mask/entropy",
+                "mask/ratio", "lr/mae", "lr/head", "lr/mask", "perf/images_per_s", "perf/data_wait"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(1, STEPS + 1)), key
+    assert all(m.value == 0.75 for m in client.get_metric_history(run.info.run_id, "mask/ratio"))
+    evals = client.get_metric_history(run.info.run_id, "eval/val_top1")
+    assert sorted(m.step for m in evals) == [0, 2, 4] and all(0 <= m.value <= 1 for m in evals)
+    baseline = client.get_run(runs["ids"]["base"])
+    assert baseline.data.tags["mlo_mae.mode"] == "baseline"
+    assert "train/loss_val" not in baseline.data.metrics and "mask/entropy" not in baseline.data.metrics
+    assert baseline.data.metrics["mask/ratio"] == 0.75
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(runs["cwd"]))
+    assert "mask_ratio: 0.75" in Path(config).read_text()
+
+
+@pytest.mark.parametrize("name", ["mlo", "base"])
+def test_heatmaps_at_every_evaluation_decode_at_their_size(runs, name, tmp_path):
+    client = _client(runs["uri"])
+    run_id = runs["ids"][name]
+    files = _files(client, run_id)
+    sizes = {"mask_mean": MEAN_SIZE, "mask_panel": PANEL_SIZE, "mask_classes": CLASSES_SIZE}
+    for kind, size in sizes.items():
+        pngs = [f for f in files if f.startswith(f"images/heatmaps~{kind}+step+") and f.endswith(".png")]
+        steps = sorted(int(re.search(r"\+step\+(\d+)\+", f).group(1)) for f in pngs)
+        assert steps == [0, 2, 4], (kind, files)
+        local = client.download_artifacts(run_id, pngs[-1], str(tmp_path))
+        with Image.open(local) as image:
+            image.load()
+            assert image.size == size and image.mode == "RGB"
+    gif = client.download_artifacts(run_id, "heatmaps/mask_evolution.gif", str(tmp_path))
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 3
+    assert "heatmaps/mask_strip.png" in files
+
+
+def test_encoder_artifact_loads_into_timm_and_matches_the_checkpoint(runs, tmp_path):
+    client = _client(runs["uri"])
+    run_id = runs["ids"]["mlo"]
+    folder = client.download_artifacts(run_id, "model", str(tmp_path))
+    model = load_encoder(folder).eval()  # strict: every encoder key, nothing else
+    pretrained = load_pretrained(run_id, runs["uri"])
+    assert pretrained.iteration == STEPS
+    mae = pretrained.encoder().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), mae.forward_features(x), atol=1e-5)
+        assert model(x).shape == (3, 192)  # num_classes=0: the pooled CLS feature
+
+
+def test_runs_table_lists_the_runs(runs):
+    result = mlo_mae("runs", "--tracking-uri", runs["uri"], "--experiment", "tracked", cwd=runs["cwd"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "2 pretrain run(s)" in lines[0]
+    header = lines[1].split()
+    assert header[:4] == ["run", "name", "mode", "preset"]
+    rows = {line.split()[1]: line.split() for line in lines[2:]}
+    assert rows["mlo"][0] == runs["ids"]["mlo"][:8] and rows["mlo"][2] == "mlo"
+    assert rows["base"][2] == "baseline" and rows["base"][8] == "FINISHED"
+    missing = mlo_mae("runs", "--tracking-uri", runs["uri"], "--experiment", "nope", cwd=runs["cwd"])
+    assert missing.returncode == 2 and "no experiment 'nope'" in missing.stderr
+
+
+def test_probe_and_finetune_log_child_runs(runs):
+    uri, parent = runs["uri"], runs["ids"]["mlo"]
+    client = _client(uri)
+    probe = mlo_mae("probe", parent, "--dataset", "digits", "--tracking-uri", uri, cwd=runs["cwd"])
+    assert probe.returncode == 0, probe.stderr
+    assert "linear probe: D_val top-1" in probe.stdout
+    finetune = mlo_mae("finetune", parent, "--dataset", "digits", "--epochs", "2", "--tracking-uri", uri,
+                       cwd=runs["cwd"])
+    assert finetune.returncode == 0, finetune.stderr
+    children = {r.data.tags["mlo_mae.kind"]: r for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+    assert set(children) == {"probe", "finetune"}
+    assert 0.3 < children["probe"].data.metrics["test_top1"] <= 1.0  # 10 classes
+    history = client.get_metric_history(children["finetune"].info.run_id, "val_top1")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert "test_top1" in children["finetune"].data.metrics
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["probe/test_top1"] == children["probe"].data.metrics["test_top1"]
+    assert metrics["finetune/test_top1"] == children["finetune"].data.metrics["test_top1"]
+
+
+def test_test_split_is_read_only_after_the_last_epoch(runs):
+    """On the sealed data, fine-tuning completes every epoch, then fails on the test split, and only there."""
+    result = mlo_mae("finetune", runs["ids"]["mlo"], "--epochs", "2", "--tracking-uri", runs["uri"],
+                     cwd=runs["cwd"])
+    assert result.returncode == 1
+    assert [line.split(" |")[0] for line in result.stdout.splitlines() if line.startswith("epoch ")] == \
+        ["epoch 1/2", "epoch 2/2"]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("mlo-mae: error: ") and "test" in error[0]
+    client = _client(runs["uri"])
+    failed = client.search_runs([client.get_run(runs["ids"]["mlo"]).info.experiment_id],
+                                filter_string="tags.mlo_mae.kind = 'finetune' and attributes.status = 'FAILED'")
+    assert len(failed) == 1 and "test_top1" not in failed[0].data.metrics
+
+
+def test_bad_sources_are_one_line_errors(runs, tmp_path):
+    for source, needle in ((str(tmp_path), "holds no complete checkpoint"),
+                           ("0" * 32, "not found"), ("nonsense", "neither an existing checkpoint")):
+        result = mlo_mae("probe", source, "--tracking-uri", runs["uri"], cwd=runs["cwd"])
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+
+
+def test_copy_of_data_is_sealed(sealed_digits):
+    """The premise of the tests above: the sealed copy's test split cannot be read."""
+    from pipelines.plan import read_rows
+
+    with pytest.raises(Exception, match="Parquet|parquet|magic"):
+        read_rows(str(sorted((sealed_digits / "test").glob("*.parquet"))[0]), 0)

@@ -1,0 +1,102 @@
+"""Rank 0's record of a pretrain run in MLflow: per-step metrics, evaluations with heatmaps, the end.
+
+Heatmaps are logged with ``log_image(key, step)``, so the MLflow UI shows each
+kind with a step slider and can put an MLO run beside a baseline run. The
+evaluation history (small per-patch maps) is part of the checkpoint, so that the
+final evolution GIF covers the whole run even after a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mlo_mae import config as config_mod
+from mlo_mae.engine import MLOEngine, StepStats
+from mlo_mae.evaluation import Evaluation, condensed, evaluate, expand
+from mlo_mae.export import save_encoder
+from mlo_mae.heatmaps import (
+    render_classes,
+    render_evolution,
+    render_mean,
+    render_panel,
+    save_gif,
+)
+from mlo_mae.probe import ProbeResult
+from pipelines.manifest import PreparedDataset
+from pipelines.streams import Normalizer
+
+from .downstream import eval_sample
+from .tracking import RunLogger
+
+HEATMAP_KEYS = ("heatmaps/mask_mean", "heatmaps/mask_panel", "heatmaps/mask_classes")
+
+
+def step_metrics(stats: StepStats) -> dict[str, float | None]:
+    """One iteration's numbers under their MLflow names (None: not measured in this mode)."""
+    return {"train/loss_mae": stats.loss_mae, "train/loss_head": stats.loss_head, "train/loss_val": stats.loss_val,
+            "train/val_top1_batch": stats.val_top1, "train/hypergrad_norm": stats.hypergrad_norm,
+            "mask/entropy": stats.mask_entropy, "mask/mean_prob": stats.mask_mean_prob,
+            "mask/ratio": stats.mask_ratio, "lr/mae": stats.lr_mae, "lr/head": stats.lr_head,
+            "lr/mask": stats.lr_mask}
+
+
+class Recorder:
+    def __init__(self, logger: RunLogger | None, engine: MLOEngine, data: PreparedDataset,
+                 cfg: config_mod.Config, norm: Normalizer, say: Callable[[str], None]) -> None:
+        self.logger, self.engine, self.cfg, self.norm, self.say = logger, engine, cfg, norm, say
+        self.images, self.labels = eval_sample(data, cfg)
+        self.class_names = data.class_names
+        self.history: list[dict[str, Any]] = []
+
+    def step(self, stats: StepStats, images_per_s: float, data_wait: float) -> None:
+        if self.logger is not None:
+            self.logger.metrics({**step_metrics(stats), "perf/images_per_s": images_per_s,
+                                 "perf/data_wait": data_wait}, self.engine.iteration)
+
+    def evaluate(self) -> Evaluation:
+        """D_val top-1 on the fixed sample and the three heatmaps, logged at the current step."""
+        ev = evaluate(self.engine, self.images, self.labels, self.norm)
+        self.history = [h for h in self.history if h["step"] < ev.step] + [condensed(ev.snapshot)]
+        if self.logger is not None:
+            self.logger.metrics({"eval/val_top1": ev.val_top1, "eval/val_loss": ev.val_loss}, ev.step)
+            self.logger.flush()
+            snap = ev.snapshot
+            for key, image in zip(HEATMAP_KEYS, (render_mean(snap), render_panel(snap, class_names=self.class_names),
+                                                 render_classes(snap, self.class_names))):
+                self.logger.image(key, image, ev.step)
+        return ev
+
+    def flush(self) -> None:
+        if self.logger is not None:
+            self.logger.flush()
+
+    def finish(self, metrics: dict[str, Any], probe: ProbeResult | None) -> None:
+        """The evolution GIF and strip, the encoder for timm, the end-of-run numbers."""
+        if self.logger is None:
+            return
+        values = {"train_seconds": metrics.get("train_seconds")}
+        if probe is not None:
+            values.update({"probe/val_top1": probe.val_top1, "probe/test_top1": probe.test_top1})
+        self.logger.metrics(values, self.engine.iteration)
+        self.logger.flush()
+        with tempfile.TemporaryDirectory(prefix="mlo-mae-artifacts-") as folder:
+            if self.history:
+                frames, strip = render_evolution([expand(h) for h in self.history])
+                save_gif(frames, os.path.join(folder, "mask_evolution.gif"))
+                strip.save(os.path.join(folder, "mask_strip.png"))
+                self.logger.artifacts(folder, "heatmaps")
+            model_dir = os.path.join(folder, "model")
+            save_encoder(self.engine.mae, self.cfg.model, model_dir)
+            self.logger.artifacts(model_dir, "model")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evaluations": [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in h.items()}
+                                for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("evaluations", []))
