@@ -339,9 +339,6 @@ def prepare(source: str, out: Path, test_source: Path | None, seed: int, cifar_l
                    err=True)
 
 
-SOURCE_HELP = "SOURCE: a checkpoint folder, a run folder (its newest checkpoint) or an MLflow pretrain run id."
-
-
 def _downstream_setup(source: str, dataset: str | None, device: str, tracking_uri: str | None):
     """The pretrained state, its data set and device, or a one-line error."""
     from mlo_mae.engine import resolve_device
@@ -393,6 +390,9 @@ def _child_run(pretrained, kind: str, experiment: str, params: dict, tracking_ur
 @EXPERIMENT
 def probe(source: str, dataset: str | None, device: str, tracking_uri: str | None, experiment: str) -> None:
     """Linear probe of a pretrained encoder: frozen, eval mode, CLS features, one linear layer.
+
+    SOURCE: a checkpoint folder, a run folder (its newest checkpoint) or an
+    MLflow run id of a pretrain run.
 
     The L2 strength is chosen on D_val; the test split is read once, at the end.
     Logged as an MLflow run 'probe' (a child of the pretrain run, whose
@@ -447,6 +447,9 @@ def finetune(source: str, epochs: int, lr: float, batch_size: int, weight_decay:
              layer_decay: float, drop_path: float, label_smoothing: float, seed: int, dataset: str | None,
              device: str, tracking_uri: str | None, experiment: str) -> None:
     """Fine-tune a pretrained encoder with a fresh linear head (timm VisionTransformer), all weights.
+
+    SOURCE: a checkpoint folder, a run folder (its newest checkpoint) or an
+    MLflow run id of a pretrain run.
 
     The paper's protocol: AdamW, cosine schedule, crop + flip; the defaults are
     its CIFAR recipe. Training reads D_tr, the epoch kept is the best on D_val,

@@ -71,8 +71,15 @@ def test_help_shows_defaults():
     out = " ".join(mlo_mae("pretrain", "--help").stdout.split())
     for text in ("default 0.75", "default fd", "default auto", "--print-config", "--workers", "[default: 1]",
                  "--cpus-per-worker", "--gpus-per-worker", "--address", "$RAY_ADDRESS", "--storage-path",
-                 "[default: ray_results]", "NFS or s3://", "--name", "--resume NAME"):
+                 "[default: ray_results]", "NFS or s3://", "--name", "--resume NAME", "--tracking-uri",
+                 "$MLFLOW_TRACKING_URI", "sqlite:///./mlflow.db", "--experiment", "[default: mlo-mae]"):
         assert text in out, text
+    finetune = " ".join(mlo_mae("finetune", "--help").stdout.split())
+    for text in ("SOURCE", "MLflow run id", "--epochs", "[default: 100;", "--lr", "[default: 0.0001;",
+                 "--layer-decay", "--drop-path", "--label-smoothing", "test split is read once"):
+        assert text in finetune, text
+    assert "linear probe" in " ".join(mlo_mae("probe", "--help").stdout.split()).lower()
+    assert "[default: 50;" in " ".join(mlo_mae("runs", "--help").stdout.split())
 
 
 def test_short_pretrain_trains_saves_and_probes(tmp_path):
@@ -89,7 +96,7 @@ def test_short_pretrain_trains_saves_and_probes(tmp_path):
     test_top1 = float(probe[0].rsplit("test top-1 ", 1)[1].rstrip("%"))
     assert test_top1 > 30.0  # 10 classes: chance is 10%
     run_dir = tmp_path / "ray_results" / "short"
-    final = Path(result.stdout.rsplit("final checkpoint: ", 1)[1].strip())
+    final = Path(result.stdout.split("final checkpoint: ", 1)[1].splitlines()[0].strip())
     assert final.parent == run_dir
     state = torch.load(final / "state.pt", weights_only=True)
     assert state["engine"]["iteration"] == 3

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,48 @@ def cluster(tmp_path_factory):
     assert start.returncode == 0, start.stderr
     found = re.search(r"--address='([^']+)'", start.stdout + start.stderr)
     assert found, start.stdout
+    CLUSTER["temp"] = str(temp)
     yield found.group(1)
-    subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    _stop_cluster(str(temp))  # not 'ray stop', which would stop every Ray cluster on the machine
+
+
+CLUSTER: dict[str, str] = {}
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process, from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            out[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), args)
+    return out
+
+
+def _cluster_pids(temp: str) -> tuple[set[int], set[int]]:
+    """(this cluster's own processes, the workers its raylet started): found by the cluster's temp dir."""
+    procs = _processes()
+    own = {pid for pid, (_, args) in procs.items() if temp in args and pid != os.getpid()}
+    raylets = {pid for pid in own if "raylet/raylet" in procs[pid][1]}
+    return own, {pid for pid, (parent, _) in procs.items() if parent in raylets}
+
+
+def _stop_cluster(temp: str) -> None:
+    own, workers = _cluster_pids(temp)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in own | workers:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        for _ in range(20):
+            if not any(Path(f"/proc/{pid}").exists() for pid in own | workers):
+                return
+            time.sleep(0.5)
 
 
 def _command(storage: Path, *args: str) -> list[str]:
@@ -118,9 +159,10 @@ def test_two_workers_finish_with_identical_replicas(reference):
 
 def test_killed_worker_restarts_from_its_checkpoint_and_ends_identical(cluster, reference, tmp_path):
     def kill_a_worker(_proc):
-        listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        pids = [int(line.split()[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
-        assert len(pids) == 2, listing
+        _, children = _cluster_pids(CLUSTER["temp"])  # this cluster's, not another test's or benchmark's
+        procs = _processes()
+        pids = sorted(pid for pid in children if "ray::RayTrainWorker" in procs.get(pid, (0, ""))[1])
+        assert len(pids) == 2, [procs.get(pid) for pid in children]
         os.kill(pids[-1], signal.SIGKILL)
 
     code, out, err = run_until(cluster, tmp_path, 5, kill_a_worker, *RUN, "--name", "killed")
