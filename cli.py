@@ -273,6 +273,9 @@ def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | Non
     except TrainingError as err:
         end("FAILED")
         raise click.ClickException(str(err)) from None
+    except BaseException:
+        end("FAILED")  # an unexpected error: the MLflow run must not stay RUNNING
+        raise
     digests = metrics.get("replica_digests") or []
     if len(digests) > 1:
         same = "identical" if metrics.get("replicas_identical") else "DIFFERENT"

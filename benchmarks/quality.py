@@ -7,6 +7,7 @@ MLflow (experiment ``quality``) for the curves and heatmaps.
 
     python benchmarks/quality.py                      # tiny preset on the built-in digits, seeds 0 1 2
     python benchmarks/quality.py --seeds 0 1 2 3 4 -- --max-steps 300
+    python benchmarks/quality.py --modes mlo -- -o optim.lr_mask=4e-5
 
 Arguments after ``--`` go to every ``mlo-mae pretrain`` unchanged.
 """
@@ -55,26 +56,27 @@ def main() -> None:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--tracking-uri", default=f"sqlite:///{RESULTS / 'mlflow.db'}")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for seed in args.seeds:
-        for mode in MODES:
+        for mode in args.modes:
             row = pretrain(f"quality-{stamp}-{mode}-s{seed}", seed, mode, args.tracking_uri, extra)
             rows.append(row)
             print(f"{mode:8s} seed {seed}: probe test top-1 {100 * row['probe_test_top1']:.1f}% "
                   f"(D_val {100 * row['probe_val_top1']:.1f}%) | {row['seconds']:.0f}s", flush=True)
-    print(f"\n| mode | seeds | probe test top-1 (mean ± sd) | probe D_val top-1 | per seed (test) |")
+    print("\n| mode | seeds | probe test top-1 (mean ± sd) | probe D_val top-1 | per seed (test) |")
     print("|---|---|---|---|---|")
-    for mode in MODES:
+    for mode in args.modes:
         test_mean, test_sd = summary(rows, mode, "probe_test_top1")
         val_mean, val_sd = summary(rows, mode, "probe_val_top1")
         per_seed = ", ".join(f"{100 * r['probe_test_top1']:.1f}" for r in rows if r["mode"] == mode)
         print(f"| {mode} | {len(args.seeds)} | {100 * test_mean:.2f} ± {100 * test_sd:.2f} | "
               f"{100 * val_mean:.2f} ± {100 * val_sd:.2f} | {per_seed} |")
-    out = RESULTS / "quality.json"
+    out = RESULTS / f"quality-{stamp}.json"
     out.write_text(json.dumps({"extra_args": extra, "tracking_uri": args.tracking_uri, "runs": rows}, indent=2))
     print(f"\nwrote {out}; runs in MLflow experiment 'quality' at {args.tracking_uri}")
 

@@ -108,6 +108,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
     """Train to the end (or continue run ``launch.name``); returns rank 0's final metrics and checkpoint.
     ``tracking``: {"uri", "run_id"} of the MLflow run that rank 0 logs to."""
     import ray
+    import ray.exceptions
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
@@ -148,6 +149,9 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
                 kind, text = progress.get(timeout=0.5)
             except (Empty, queue.Empty):
                 continue
+            except ray.exceptions.RayError as err:  # the queue actor, or the whole cluster, is gone
+                raise TrainingError(f"lost the Ray cluster during training: {_last_error_line(err)}; the "
+                                    "checkpoints are kept (--resume)") from None
             if kind == "error":
                 failure = text
             elif kind == "metrics":
