@@ -34,7 +34,7 @@ def pretrain(name: str, seed: int, mode: str, uri: str, extra: list[str]) -> dic
                "--name", name, "--storage-path", str(RESULTS / "ray_results"), "--tracking-uri", uri,
                "--experiment", "quality", *extra]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=RESULTS)  # artifacts: RESULTS/mlruns
     if result.returncode != 0:
         sys.exit(f"quality: {name} failed ({result.returncode}): {result.stderr.strip()[-500:]}")
     run_id = RUN_ID.search(result.stdout).group(1)
