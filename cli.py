@@ -6,6 +6,7 @@ Errors a user can fix (bad flags, config keys, presets, paths) print one line
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -34,6 +35,10 @@ def _default(key: str) -> Any:
 
 def _help(text: str, key: str) -> str:
     return f"{text} [config: {key}, default {_default(key)}]"
+
+
+def _warn(text: str) -> None:
+    click.echo(text, err=True)
 
 
 def _tracking_uri(flag: str | None) -> str:
@@ -253,14 +258,17 @@ def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | Non
         raise UserError(f"--tracking-uri: {err}") from None
     if tracking is not None:
         click.echo(f"MLflow run {tracking['run_id']} (experiment '{tracking['experiment']}') at {tracking['uri']}")
+        if launch.address and tracking["uri"].split(":", 1)[0] in ("sqlite", "file"):
+            click.echo(f"warning: rank 0 logs to {tracking['uri']}, a file on this machine; on a multi-node cluster "
+                       "use a tracking server (--tracking-uri http://...)", err=True)
     if not resume:
         write_run(launch.storage_path, launch.name, {"config": cfg.to_dict(), "dataset": str(data.root.resolve()),
                                                     "workers": n, "mlflow": tracking})
     logged = {"uri": tracking["uri"], "run_id": tracking["run_id"]} if tracking is not None else None
 
-    def end(status: str) -> None:
+    def end(status: str) -> None:  # the training's outcome stands even if the tracking store is gone
         if tracking is not None:
-            mlflow_tracking.end_run(tracking["uri"], tracking["run_id"], status)
+            mlflow_tracking.end_run(tracking["uri"], tracking["run_id"], status, _warn)
 
     try:
         metrics = run_pretrain(cfg, data, launch, click.echo, logged)
@@ -285,8 +293,11 @@ def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | Non
         click.echo(f"final checkpoint: {metrics['checkpoint']}")
     if tracking is not None:
         if "checkpoint" in metrics:
-            mlflow_tracking.record_checkpoint(tracking["uri"], tracking["run_id"], metrics["checkpoint"], run_dir,
-                                              launch.name)
+            try:
+                mlflow_tracking.record_checkpoint(tracking["uri"], tracking["run_id"], metrics["checkpoint"],
+                                                  run_dir, launch.name)
+            except mlflow_tracking.TrackingError as err:
+                _warn(f"warning: {err}")
         end("FINISHED")
         click.echo(f"logged to MLflow run {tracking['run_id']}: compare runs with 'mlo-mae runs' or "
                    f"'mlflow ui --backend-store-uri {tracking['uri']}'" if tracking["uri"].startswith("sqlite")
@@ -348,7 +359,7 @@ def _downstream_setup(source: str, dataset: str | None, device: str, tracking_ur
     from training.pretrained import SourceError, load_pretrained
 
     try:
-        pretrained = load_pretrained(source, _tracking_uri(tracking_uri))
+        pretrained = load_pretrained(source, _tracking_uri(tracking_uri), prefer_given=tracking_uri is not None)
         torch_device = resolve_device(device)
     except (SourceError, ValueError) as err:
         raise UserError(str(err)) from None
@@ -407,23 +418,42 @@ def probe(source: str, dataset: str | None, device: str, tracking_uri: str | Non
     pretrained, data, torch_device = _downstream_setup(source, dataset, device, tracking_uri)
     uri, run_id = _child_run(pretrained, "probe", experiment, {"dataset.path": str(data.root)}, tracking_uri)
     started = time.perf_counter()
-    result = probe_encoder(pretrained.encoder(torch_device), data, pretrained.config, torch_device)
+    with _ends_run_on_error(uri, run_id):
+        result = probe_encoder(pretrained.encoder(torch_device), data, pretrained.config, torch_device)
     click.echo(f"linear probe: D_val top-1 {100 * result.val_top1:.1f}% (L2 {result.weight_decay:g} chosen on "
                f"D_val) | test top-1 {100 * result.test_top1:.1f}% | {time.perf_counter() - started:.1f}s")
-    logger = tracking.RunLogger(uri, run_id, lambda text: click.echo(text, err=True))
+    logger = tracking.RunLogger(uri, run_id, _warn)
     logger.metrics({"val_top1": result.val_top1, "test_top1": result.test_top1,
                     "weight_decay": result.weight_decay}, pretrained.iteration)
     logger.flush()
     _copy_to_parent(uri, pretrained, {"probe/val_top1": result.val_top1, "probe/test_top1": result.test_top1})
-    tracking.end_run(uri, run_id, "FINISHED")
+    tracking.end_run(uri, run_id, "FINISHED", _warn)
     click.echo(f"logged to MLflow run {run_id}")
+
+
+@contextlib.contextmanager
+def _ends_run_on_error(uri: str, run_id: str):
+    """An evaluation that fails or is interrupted ends its MLflow run as FAILED / KILLED (never RUNNING);
+    a data or value error becomes one line."""
+    from training import tracking
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.end_run(uri, run_id, "KILLED", _warn)
+        raise
+    except Exception as err:
+        tracking.end_run(uri, run_id, "FAILED", _warn)
+        if isinstance(err, (ValueError, OSError)):  # DatasetError, a bad shard, a non-finite loss
+            raise click.ClickException(" ".join(str(err).split())[:400]) from None
+        raise
 
 
 def _copy_to_parent(uri: str, pretrained, values: dict[str, float]) -> None:
     from training import tracking
 
     if pretrained.run_id is not None:
-        parent = tracking.RunLogger(uri, pretrained.run_id, lambda text: click.echo(text, err=True))
+        parent = tracking.RunLogger(uri, pretrained.run_id, _warn)
         parent.metrics(values, pretrained.iteration)
         parent.flush()
 
@@ -471,7 +501,7 @@ def finetune(source: str, epochs: int, lr: float, batch_size: int, weight_decay:
     uri, run_id = _child_run(pretrained, "finetune", experiment,
                              {**params, "finetune.batch_size": batch_size, "dataset.path": str(data.root)},
                              tracking_uri)
-    logger = tracking.RunLogger(uri, run_id, lambda text: click.echo(text, err=True))
+    logger = tracking.RunLogger(uri, run_id, _warn)
     best = {"top1": -1.0, "epoch": 0}
 
     def on_epoch(result) -> None:  # epochs count from 1 on screen and in MLflow
@@ -484,21 +514,15 @@ def finetune(source: str, epochs: int, lr: float, batch_size: int, weight_decay:
                        result.epoch + 1)
         logger.flush()
 
-    try:
+    with _ends_run_on_error(uri, run_id):
         result = finetune_encoder(pretrained.encoder(torch_device), data, pretrained.config, ft, batch_size,
                                   torch_device, on_epoch)
-    except ValueError as err:
-        tracking.end_run(uri, run_id, "FAILED")
-        raise click.ClickException(str(err)) from None
-    except Exception as err:
-        tracking.end_run(uri, run_id, "FAILED")
-        raise click.ClickException(f"fine-tuning failed: {' '.join(str(err).split())[:300]}") from None
     click.echo(f"fine-tuned: D_val top-1 {100 * result.val_top1:.1f}% (epoch {result.best_epoch + 1} of {epochs}) "
                f"| test top-1 {100 * result.test_top1:.1f}%")
     logger.metrics({"test_top1": result.test_top1, "best_epoch": result.best_epoch + 1}, epochs)
     logger.flush()
     _copy_to_parent(uri, pretrained, {"finetune/val_top1": result.val_top1, "finetune/test_top1": result.test_top1})
-    tracking.end_run(uri, run_id, "FINISHED")
+    tracking.end_run(uri, run_id, "FINISHED", _warn)
     click.echo(f"logged to MLflow run {run_id}")
 
 

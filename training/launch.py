@@ -115,7 +115,10 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
 
     from .worker import train_loop_per_worker
 
-    init_ray(launch.address)
+    try:
+        init_ray(launch.address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise TrainingError(f"cannot start or reach Ray ({launch.address or 'local'}): {_last_error_line(err)}") from None
     use_gpu, per_worker = resources(cfg, launch)
     progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(

@@ -60,7 +60,7 @@ def _run_settings(run_dir: str) -> dict[str, Any]:
         return yaml.safe_load(handle.read().decode()) or {}
 
 
-def _from_folder(folder: str, uri: str | None) -> Pretrained:
+def _from_folder(folder: str, uri: str, prefer_given: bool = False) -> Pretrained:
     folder = folder.rstrip("/")
     if checkpoints.is_complete(folder):
         checkpoint, run_dir = folder, os.path.dirname(folder)
@@ -77,13 +77,15 @@ def _from_folder(folder: str, uri: str | None) -> Pretrained:
     except Exception as err:  # noqa: BLE001 - a torn or foreign file, one line
         raise SourceError(f"'{checkpoint}/{checkpoints.STATE_FILE}' cannot be read: {err}") from None
     return Pretrained(state=state["engine"], checkpoint=checkpoint, dataset=settings.get("dataset"),
-                      run_id=logged.get("run_id"), tracking_uri=logged.get("uri") or uri)
+                      run_id=logged.get("run_id"),
+                      tracking_uri=uri if prefer_given or not logged.get("uri") else logged["uri"])
 
 
-def load_pretrained(source: str, uri: str) -> Pretrained:
-    """SOURCE: a checkpoint folder, a run folder (its newest checkpoint) or an MLflow run id."""
+def load_pretrained(source: str, uri: str, prefer_given: bool = False) -> Pretrained:
+    """SOURCE: a checkpoint folder, a run folder (its newest checkpoint) or an MLflow run id.
+    Results are logged where the pretrain run was, unless ``prefer_given`` (an explicit --tracking-uri)."""
     if "://" in source or os.path.exists(source):
-        return _from_folder(source, uri)
+        return _from_folder(source, uri, prefer_given)
     if not re.fullmatch(r"[0-9a-f]{32}", source):
         raise SourceError(f"SOURCE '{source}' is neither an existing checkpoint or run folder nor an MLflow run id")
     try:

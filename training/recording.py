@@ -25,6 +25,7 @@ from mlo_mae.heatmaps import (
     render_mean,
     render_panel,
     save_gif,
+    strip_indices,
 )
 from mlo_mae.probe import ProbeResult
 from pipelines.manifest import PreparedDataset
@@ -34,6 +35,7 @@ from .downstream import eval_sample
 from .tracking import RunLogger
 
 HEATMAP_KEYS = ("heatmaps/mask_mean", "heatmaps/mask_panel", "heatmaps/mask_classes")
+GIF_FRAMES = 100
 
 
 def step_metrics(stats: StepStats) -> dict[str, float | None]:
@@ -66,9 +68,14 @@ class Recorder:
             self.logger.metrics({"eval/val_top1": ev.val_top1, "eval/val_loss": ev.val_loss}, ev.step)
             self.logger.flush()
             snap = ev.snapshot
-            for key, image in zip(HEATMAP_KEYS, (render_mean(snap), render_panel(snap, class_names=self.class_names),
-                                                 render_classes(snap, self.class_names))):
-                self.logger.image(key, image, ev.step)
+
+            def heatmaps() -> None:  # a drawing error must not stop training either
+                images = (render_mean(snap), render_panel(snap, class_names=self.class_names),
+                          render_classes(snap, self.class_names))
+                for key, image in zip(HEATMAP_KEYS, images):
+                    self.logger.client.log_image(self.logger.run_id, image, key=key, step=ev.step)
+
+            self.logger.guarded("heatmaps", heatmaps)
         return ev
 
     def flush(self) -> None:
@@ -85,8 +92,9 @@ class Recorder:
         self.logger.metrics(values, self.engine.iteration)
         self.logger.flush()
         with tempfile.TemporaryDirectory(prefix="mlo-mae-artifacts-") as folder:
-            if self.history:
-                frames, strip = render_evolution([expand(h) for h in self.history])
+            if self.history:  # at most GIF_FRAMES evenly spaced frames: ~1 MB each in memory
+                kept = [self.history[i] for i in strip_indices(len(self.history), GIF_FRAMES)]
+                frames, strip = render_evolution([expand(h) for h in kept])
                 save_gif(frames, os.path.join(folder, "mask_evolution.gif"))
                 strip.save(os.path.join(folder, "mask_strip.png"))
                 self.logger.artifacts(folder, "heatmaps")

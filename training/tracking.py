@@ -113,7 +113,7 @@ def _call(what: str, uri: str, action: Callable[[], Any]) -> Any:
 
     try:
         return action()
-    except (MlflowException, OSError) as err:
+    except (MlflowException, OSError, ValueError) as err:
         message = " ".join(str(err).split())[:300]
         raise TrackingError(f"MLflow ({uri}): {what} failed: {message}") from None
 
@@ -121,11 +121,11 @@ def _call(what: str, uri: str, action: Callable[[], Any]) -> Any:
 def start_run(uri: str, experiment: str, name: str, kind: str, cfg, params: Mapping[str, Any],
               tags: Mapping[str, str] | None = None, parent: str | None = None) -> str:
     """Create a run with params and tags; returns its id. Params: the flattened config plus ``params``."""
-    mlflow_client = client(uri)
 
     def create() -> str:
         from mlflow.entities import Param, RunTag
 
+        mlflow_client = client(uri)
         exp = experiment_id(mlflow_client, experiment)
         all_tags = {**standard_tags(kind, cfg), **(tags or {}), **({PARENT_TAG: parent} if parent else {})}
         run = mlflow_client.create_run(exp, run_name=name, tags=all_tags)
@@ -140,9 +140,14 @@ def start_run(uri: str, experiment: str, name: str, kind: str, cfg, params: Mapp
     return _call("creating a run", uri, create)
 
 
-def end_run(uri: str, run_id: str, status: str) -> None:
-    """FINISHED, FAILED or KILLED."""
-    _call("ending the run", uri, lambda: client(uri).set_terminated(run_id, status))
+def end_run(uri: str, run_id: str, status: str, warn: Callable[[str], None] | None = None) -> None:
+    """FINISHED, FAILED or KILLED. With ``warn``, a failure is a warning: the work itself is done."""
+    try:
+        _call("ending the run", uri, lambda: client(uri).set_terminated(run_id, status))
+    except TrackingError as err:
+        if warn is None:
+            raise
+        warn(f"warning: {err}")
 
 
 def reopen_run(uri: str, run_id: str) -> None:
@@ -159,11 +164,13 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str, warn: Callable[[str], None]) -> None:
         self.uri, self.run_id, self.warn = uri, run_id, warn
-        self.client = client(uri)
         self.pending: list = []
         self.failed = False
+        self.client = None
+        self.guarded("connecting", lambda: setattr(self, "client", client(uri)))
 
-    def _safe(self, what: str, action: Callable[[], Any]) -> None:
+    def guarded(self, what: str, action: Callable[[], Any]) -> None:
+        """Run ``action`` unless logging already failed; a failure is reported once, not raised."""
         if self.failed:
             return
         try:
@@ -188,20 +195,20 @@ class RunLogger:
                 self.client.log_batch(self.run_id, metrics=pending[i: i + MAX_BATCH])
 
         if pending:
-            self._safe("metrics", send)
+            self.guarded("metrics", send)
 
     def image(self, key: str, image, step: int) -> None:
         """A PIL image under ``key`` at ``step``: the MLflow UI shows them with a step slider."""
-        self._safe(key, lambda: self.client.log_image(self.run_id, image, key=key, step=step))
+        self.guarded(key, lambda: self.client.log_image(self.run_id, image, key=key, step=step))
 
     def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self._safe(local_path, lambda: self.client.log_artifact(self.run_id, local_path, artifact_path))
+        self.guarded(local_path, lambda: self.client.log_artifact(self.run_id, local_path, artifact_path))
 
     def artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        self._safe(local_dir, lambda: self.client.log_artifacts(self.run_id, local_dir, artifact_path))
+        self.guarded(local_dir, lambda: self.client.log_artifacts(self.run_id, local_dir, artifact_path))
 
     def tags(self, values: Mapping[str, str]) -> None:
-        self._safe("tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in values.items()])
+        self.guarded("tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in values.items()])
 
 
 def record_checkpoint(uri: str, run_id: str, checkpoint: str, run_dir: str, name: str) -> None:

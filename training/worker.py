@@ -74,7 +74,7 @@ def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str
     if saved["world_size"] != world:
         raise ResumeError(f"the checkpoint was written by {saved['world_size']} workers; resume with "
                           f"--workers {saved['world_size']} (the data plan depends on it)")
-    if state["engine"]["config"] != cfg.to_dict():
+    if config_mod.from_dict(state["engine"]["config"]).to_dict() != cfg.to_dict():  # older: fewer keys
         raise ResumeError("the checkpoint's config differs from this run's")
     engine.load_state_dict(state["engine"])
     return state
