@@ -258,9 +258,6 @@ def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | Non
         raise UserError(f"--tracking-uri: {err}") from None
     if tracking is not None:
         click.echo(f"MLflow run {tracking['run_id']} (experiment '{tracking['experiment']}') at {tracking['uri']}")
-        if launch.address and tracking["uri"].split(":", 1)[0] in ("sqlite", "file"):
-            click.echo(f"warning: rank 0 logs to {tracking['uri']}, a file on this machine; on a multi-node cluster "
-                       "use a tracking server (--tracking-uri http://...)", err=True)
     if not resume:
         write_run(launch.storage_path, launch.name, {"config": cfg.to_dict(), "dataset": str(data.root.resolve()),
                                                     "workers": n, "mlflow": tracking})

@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,10 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
         init_ray(launch.address)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise TrainingError(f"cannot start or reach Ray ({launch.address or 'local'}): {_last_error_line(err)}") from None
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if tracking and nodes > 1 and tracking["uri"].split(":", 1)[0] in ("sqlite", "file"):
+        print(f"warning: rank 0 logs to {tracking['uri']}, a file on this machine, but the cluster has {nodes} "
+              "nodes: use a tracking server (--tracking-uri http://...)", file=sys.stderr)
     use_gpu, per_worker = resources(cfg, launch)
     progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
