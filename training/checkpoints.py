@@ -82,12 +82,14 @@ def latest(run_dir: str):
 
 def read_state(folder: str) -> dict[str, Any]:
     """The state saved in a checkpoint folder (local path or URI), plain tensors only (``weights_only``)."""
-    fs, path = filesystem(folder)
-    with fs.open_input_stream(f"{path}/{STATE_FILE}") as handle:
-        return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
+    return _read_state(*filesystem(folder))
 
 
 def load(checkpoint) -> dict[str, Any]:
     """The state of a ``ray.train.Checkpoint``."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as handle:
+    return _read_state(checkpoint.filesystem, checkpoint.path)
+
+
+def _read_state(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any]:
+    with fs.open_input_stream(f"{path}/{STATE_FILE}") as handle:
         return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)

@@ -17,7 +17,7 @@ from mlo_mae import config as config_mod
 from mlo_mae.mae import MaskedAutoencoderViT
 
 from . import checkpoints, tracking
-from .storage import RUN_FILE, filesystem
+from .storage import read_run
 
 
 class SourceError(ValueError):
@@ -50,14 +50,9 @@ class Pretrained:
 
 
 def _run_settings(run_dir: str) -> dict[str, Any]:
-    import yaml
-
-    fs, path = filesystem(run_dir)
-    info = fs.get_file_info(f"{path}/{RUN_FILE}")
-    if info.type.name != "File":
-        return {}
-    with fs.open_input_stream(info.path) as handle:
-        return yaml.safe_load(handle.read().decode()) or {}
+    """The run's saved settings (``mlo-mae-run.yaml``), empty when the folder has none."""
+    storage, name = run_dir.rstrip("/").rsplit("/", 1)
+    return read_run(storage, name) or {}
 
 
 def _from_folder(folder: str, uri: str, prefer_given: bool = False) -> Pretrained:

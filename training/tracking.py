@@ -197,18 +197,9 @@ class RunLogger:
         if pending:
             self.guarded("metrics", send)
 
-    def image(self, key: str, image, step: int) -> None:
-        """A PIL image under ``key`` at ``step``: the MLflow UI shows them with a step slider."""
-        self.guarded(key, lambda: self.client.log_image(self.run_id, image, key=key, step=step))
-
-    def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self.guarded(local_path, lambda: self.client.log_artifact(self.run_id, local_path, artifact_path))
-
     def artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.guarded(local_dir, lambda: self.client.log_artifacts(self.run_id, local_dir, artifact_path))
 
-    def tags(self, values: Mapping[str, str]) -> None:
-        self.guarded("tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in values.items()])
 
 
 def record_checkpoint(uri: str, run_id: str, checkpoint: str, run_dir: str, name: str) -> None:
