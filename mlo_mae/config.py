@@ -7,6 +7,7 @@ saved next to checkpoints and loaded again unchanged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -357,6 +358,14 @@ def validate(cfg: Config) -> None:
 def lr_scale(rule: str, workers: int) -> float:
     """The factor ``optim.lr_scaling`` applies to every level's lr for ``workers`` data-parallel workers."""
     return {"linear": float(workers), "sqrt": workers ** 0.5, "none": 1.0}[rule]
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any], where: str = "") -> Config:
+    """A checked copy of ``cfg`` with dotted-key ``overrides`` applied (e.g. a Tune trial's sampled values)."""
+    new = copy.deepcopy(cfg)
+    _apply(new, _nest(overrides, where), where)
+    validate(new)
+    return new
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

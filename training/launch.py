@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,8 @@ class Launch:
     cpus_per_worker: float | None = None  # None: see resources()
     gpus_per_worker: float | None = None  # None: 1 when the config asks for CUDA (or auto and the cluster has GPUs)
     address: str | None = None  # None: start a local cluster sized to this machine
+    concurrent: int = 1  # runs training at once on the cluster (a study's trials): they split CPUs and threads
+    reserved_cpus: float = 0.0  # CPUs that other actors hold (Tune's trial drivers), not for workers or data
 
 
 def init_ray(address: str | None = None) -> None:
@@ -82,7 +84,7 @@ def init_ray(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR", include_dashboard=False)
 
 
-def _last_error_line(err: BaseException) -> str:
+def last_error_line(err: BaseException | str) -> str:
     """The innermost 'SomeError: message' line of a worker's traceback, else the exception itself."""
     lines = [ln.strip() for ln in str(err).splitlines()]
     found = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
@@ -100,14 +102,52 @@ def resources(cfg: config_mod.Config, launch: Launch) -> tuple[bool, dict[str, f
         gpus = 1.0 if wants_cuda else 0.0
     # CPU training: the workers share the CPUs but one, which Ray Data's read and decode tasks need
     # (without it a small machine deadlocks). GPU training: one CPU a worker, the rest decode.
-    cpus = launch.cpus_per_worker or (1.0 if gpus > 0 else max(0.5, (cluster.get("CPU", 1) - 1) / launch.workers))
+    free = cluster.get("CPU", 1) - 1 - launch.reserved_cpus
+    cpus = launch.cpus_per_worker or (1.0 if gpus > 0 else max(0.5, free / (launch.workers * launch.concurrent)))
     return gpus > 0, {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
 
 
+def warn_local_store(uri: str, warn: Callable[[str], None]) -> None:
+    """A sqlite or file store is a file on this machine: workers on other nodes cannot log to it."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1 and uri.split(":", 1)[0] in ("sqlite", "file"):
+        warn(f"warning: runs log to {uri}, a file on this machine, but the cluster has {nodes} nodes: use a "
+             "tracking server (--tracking-uri http://...)")
+
+
+def batch_problem(cfg: config_mod.Config, data: PreparedDataset, workers: int) -> str | None:
+    """Why the batches of ``cfg`` cannot be drawn from ``data`` by ``workers`` workers, or None."""
+    from pipelines.streams import LEVELS
+
+    from .worker import batch_size
+
+    for level, (split, _) in LEVELS.items():
+        batch = batch_size(cfg, level)
+        if batch * workers > data.count(split):
+            return (f"data.batch_{level} ({batch}) x {workers} worker(s) is larger than the {split} split "
+                    f"({data.count(split)} images) of '{data.root}'")
+    return None
+
+
+def run_params(cfg: config_mod.Config, data: PreparedDataset, workers: int) -> dict[str, Any]:
+    """What an MLflow pretrain run records beside its config: the data set and the run's shape."""
+    from .worker import total_iterations
+
+    return {"dataset.name": data.manifest["name"], "dataset.path": str(data.root.resolve()),
+            "dataset.classes": data.num_classes, "dataset.train_images": data.count("train"),
+            "dataset.val_images": data.count("val"), "dataset.test_images": data.count("test"),
+            "workers": workers, "global_batch": workers * cfg.data.batch_mae,
+            "total_iterations": total_iterations(cfg, data.count("train"))}
+
+
 def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
-                 echo: Callable[[str], None], tracking: dict[str, str] | None = None) -> dict[str, Any]:
+                 echo: Callable[[str], None], tracking: dict[str, str] | None = None,
+                 callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train to the end (or continue run ``launch.name``); returns rank 0's final metrics and checkpoint.
-    ``tracking``: {"uri", "run_id"} of the MLflow run that rank 0 logs to."""
+    ``tracking``: {"uri", "run_id"} of the MLflow run that rank 0 logs to; ``callbacks``: Ray Train
+    callbacks (a Tune trial passes ``TuneReportCallback``)."""
     import ray
     import ray.exceptions
     import ray.train
@@ -119,11 +159,9 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
     try:
         init_ray(launch.address)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise TrainingError(f"cannot start or reach Ray ({launch.address or 'local'}): {_last_error_line(err)}") from None
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    if tracking and nodes > 1 and tracking["uri"].split(":", 1)[0] in ("sqlite", "file"):
-        print(f"warning: rank 0 logs to {tracking['uri']}, a file on this machine, but the cluster has {nodes} "
-              "nodes: use a tracking server (--tracking-uri http://...)", file=sys.stderr)
+        raise TrainingError(f"cannot start or reach Ray ({launch.address or 'local'}): {last_error_line(err)}") from None
+    if tracking:
+        warn_local_store(tracking["uri"], lambda text: print(text, file=sys.stderr))
     use_gpu, per_worker = resources(cfg, launch)
     progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -131,13 +169,14 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
         train_loop_config={"config": cfg.to_dict(), "dataset_path": str(data.root.resolve()), "progress": progress,
                            "run_dir": f"{storage_uri(launch.storage_path)}/{launch.name}",
                            # fault injection for tests: level:batch:rank gets NaN images
-                           "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN"), "tracking": tracking},
+                           "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN"), "tracking": tracking,
+                           "concurrent": launch.concurrent},
         scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=launch.name, storage_path=storage_uri(launch.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures), callbacks=list(callbacks)),
     )
     outcome: dict[str, Any] = {}
 
@@ -147,7 +186,8 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = err
 
-    received = _stop_on_signals()
+    # A Tune trial runs this in a thread, where signals cannot be handled (Tune stops trials itself).
+    received = _stop_on_signals() if threading.current_thread() is threading.main_thread() else []
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
     failure, metrics = None, {}
@@ -158,7 +198,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
             except (Empty, queue.Empty):
                 continue
             except ray.exceptions.RayError as err:  # the queue actor, or the whole cluster, is gone
-                raise TrainingError(f"lost the Ray cluster during training: {_last_error_line(err)}; the "
+                raise TrainingError(f"lost the Ray cluster during training: {last_error_line(err)}; the "
                                     "checkpoints are kept (--resume)") from None
             if kind == "error":
                 failure = text
@@ -172,7 +212,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
         raise TrainingInterrupted(launch.name, received[-1] if received else signal.SIGINT) from None
     thread.join()
     if "error" in outcome:
-        raise TrainingError(failure or f"training failed: {_last_error_line(outcome['error'])} "
+        raise TrainingError(failure or f"training failed: {last_error_line(outcome['error'])} "
                                        "(full traceback in the Ray logs, /tmp/ray/session_latest/logs)")
     if failure:
         raise TrainingError(failure)

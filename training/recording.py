@@ -63,7 +63,8 @@ class Recorder:
     def evaluate(self) -> Evaluation:
         """D_val top-1 on the fixed sample and the three heatmaps, logged at the current step."""
         ev = evaluate(self.engine, self.images, self.labels, self.norm)
-        self.history = [h for h in self.history if h["step"] < ev.step] + [condensed(ev.snapshot)]
+        self.history = [h for h in self.history if h["step"] < ev.step] + [
+            {**condensed(ev.snapshot), "val_top1": ev.val_top1, "val_loss": ev.val_loss}]
         if self.logger is not None:
             self.logger.metrics({"eval/val_top1": ev.val_top1, "eval/val_loss": ev.val_loss}, ev.step)
             self.logger.flush()
@@ -77,6 +78,11 @@ class Recorder:
 
             self.logger.guarded("heatmaps", heatmaps)
         return ev
+
+    def latest(self) -> dict[str, float]:
+        """The last evaluation's numbers (kept in checkpoints): every report carries them, for Tune's ASHA."""
+        last = self.history[-1] if self.history else {}
+        return {k: float(last[k]) for k in ("val_top1", "val_loss") if k in last}
 
     def flush(self) -> None:
         if self.logger is not None:

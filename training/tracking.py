@@ -39,9 +39,11 @@ class TrackingError(RuntimeError):
 def tracking_uri(flag: str | None = None) -> str:
     """``flag``, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store in the working folder."""
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    if not uri:
+        return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: Ray actors run elsewhere
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
 
 
 def client(uri: str):
@@ -209,7 +211,9 @@ def record_checkpoint(uri: str, run_id: str, checkpoint: str, run_dir: str, name
     def record() -> None:
         mlflow_client = client(uri)
         mlflow_client.set_tag(run_id, CHECKPOINT_TAG, checkpoint)
-        pointer = {"checkpoint": checkpoint, "run_dir": run_dir, "resume": f"mlo-mae pretrain --resume {name}",
+        storage = run_dir.rsplit("/", 1)[0]
+        pointer = {"checkpoint": checkpoint, "run_dir": run_dir,
+                   "resume": f"mlo-mae pretrain --resume {name} --storage-path {storage}",
                    "evaluate": f"mlo-mae probe {run_id} | mlo-mae finetune {run_id}"}
         mlflow_client.log_text(run_id, json.dumps(pointer, indent=2) + "\n", "checkpoint.json")
 

@@ -113,7 +113,8 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
     cfg = config_mod.from_dict(params["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    sharing = context.get_local_world_size() * params.get("concurrent", 1)  # processes training on this node
+    torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // sharing))
     device = ray.train.torch.get_device() if resolve_device(cfg.run.device).type == "cuda" else torch.device("cpu")
     progress = params.get("progress")
 
@@ -140,8 +141,8 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             recorder.load_state_dict(restored.get("recorder", {}))
     if restored is not None:
         say("log", f"resumed from the checkpoint at iteration {engine.iteration}/{engine.total_steps}")
-    elif recorder is not None:
-        recorder.evaluate()  # step 0: the masks before any training
+    if recorder is not None and not recorder.latest():
+        recorder.evaluate()  # step 0 (the masks before any training), or a checkpoint saved without the numbers
     raw = _streams(engine, data, cfg, rank, world)
     streams = {level: normalized(stream, norm) for level, stream in raw.items()}
     _inject_nan(params.get("inject_nan"), streams, rank, dict(engine.level_steps))
@@ -149,17 +150,21 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
     first_step = engine.iteration + 1
     saved = {"iteration": engine.iteration if restored is not None else None}
 
+    def reported(metrics: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's reports carry the last evaluation, so that a Tune scheduler sees its metric in every one."""
+        return {"iteration": engine.iteration, **(recorder.latest() if recorder is not None else {}), **metrics}
+
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Every rank reports at the same steps; rank 0 attaches the checkpoint (Ray Train's protocol)."""
         if not with_checkpoint:
-            ray.train.report({"iteration": engine.iteration, **metrics})
+            ray.train.report(reported(metrics))
             return
         saved["iteration"] = engine.iteration
         with tempfile.TemporaryDirectory(prefix="mlo-mae-ckpt-") as folder:
             if rank == 0:
                 checkpoints.write(folder, {"engine": engine.state_dict(), "data": data_position(engine, cfg, world),
                                            "recorder": recorder.state_dict()})
-            ray.train.report({"iteration": engine.iteration, **metrics},
+            ray.train.report(reported(metrics),
                              checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
     def on_step(stats, prog) -> None:
@@ -179,7 +184,6 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             metrics["evaluated"] = True  # rank 0 adds the numbers; every rank reports at this step
             if recorder is not None:
                 ev = recorder.evaluate()
-                metrics.update(val_top1=ev.val_top1, val_loss=ev.val_loss)
                 say("log", f"evaluation at step {done}: D_val sample of {len(recorder.labels)} images, "
                            f"top-1 {100 * ev.val_top1:.1f}%, loss {ev.val_loss:.4f}")
         checkpoint_now = r.checkpoint_every > 0 and done % r.checkpoint_every == 0 and done < total
@@ -195,7 +199,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
         kept = (f"the last good checkpoint (iteration {saved['iteration']}) is kept" if saved["iteration"] is not None
                 else "no checkpoint had been written yet")
         say("error", f"training stopped: {err}; {kept}")
-        ray.train.report({"iteration": engine.iteration, "stopped": str(err)})
+        ray.train.report(reported({"stopped": str(err)}))
         return
     finally:
         for stream in raw.values():
@@ -217,5 +221,5 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             say("log", f"linear probe (frozen encoder, L2 {probe.weight_decay:g} chosen on D_val): "
                        f"D_val top-1 {100 * probe.val_top1:.1f}% | test top-1 {100 * probe.test_top1:.1f}%")
         recorder.finish(metrics, probe)
-    say("metrics", {"iteration": engine.iteration, **metrics})
-    ray.train.report({"iteration": engine.iteration, **metrics})
+    say("metrics", reported(metrics))
+    ray.train.report(reported(metrics))
