@@ -61,59 +61,86 @@ def cli() -> None:
     three-level optimisation for a downstream task."""
 
 
+CONFIG_OPTIONS = (
+    click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                 help="YAML config file (sections model, mlo, optim, data, run); flags override it."),
+    click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+                 help="Model and recipe preset [default: tiny, or the config file's]."),
+    click.option("--dataset", default=None,
+                 help=_help("'digits' (built in) or a folder written by 'mlo-mae prepare'.", "data.dataset")),
+    click.option("--max-steps", type=click.IntRange(min=1), default=None,
+                 help="Iterations to train (each: Stage-I x unroll, Stage II, Stage III); overrides --epochs."),
+    click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help=_help("Passes of Stage I over D_tr.", "run.epochs")),
+    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                 help="Batch size of every level [config: data.batch_mae/head/mask, default 32]."),
+    click.option("--seed", type=int, default=None, help=_help("Seed of initialisation and data order.", "run.seed")),
+    click.option("--baseline/--mlo", default=None,
+                 help="Plain MAE (random masking, no Stage III) or MLO-MAE [config: mlo.baseline, default --mlo]."),
+    click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                 help=_help("Fraction of patches masked.", "mlo.mask_ratio")),
+    click.option("--hypergradient", type=click.Choice(["fd", "exact"]), default=None,
+                 help=_help("fd: one finite difference; exact: double backward (small models).",
+                            "mlo.hypergradient")),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                 help=_help("Where to train; auto picks CUDA when present.", "run.device")),
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                 help=_help("bf16 autocast (CUDA only) or fp32.", "run.precision")),
+    click.option("--set", "-o", "overrides", multiple=True, metavar="KEY=VALUE",
+                 help="Override any config key, e.g. -o optim.lr_mask=3e-4 (repeatable)."),
+)
+CLUSTER_OPTIONS = (
+    click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="CPUs Ray reserves per worker [default: on CPU the cluster's CPUs but one (for Ray Data), "
+                      "split between the workers, at least 0.5; on GPU 1, the rest decode]."),
+    click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+                 help="GPUs per worker [default: 1 if the device is cuda, or auto on a cluster with GPUs; else 0]."),
+    click.option("--address", envvar="RAY_ADDRESS", default=None,
+                 help="Join the Ray cluster at this address (e.g. auto, or ray://head:10001) "
+                      "[default: $RAY_ADDRESS, else start a local cluster sized to this machine]."),
+    click.option("--storage-path", default="ray_results",
+                 help="Where runs keep checkpoints (Ray Train storage). Multi-node runs need storage every node "
+                      "sees: NFS or s3://..."),
+)
+CONFIG_FLAGS = {"dataset": "data.dataset", "max_steps": "run.max_steps", "epochs": "run.epochs", "seed": "run.seed",
+                "baseline": "mlo.baseline", "mask_ratio": "mlo.mask_ratio", "hypergradient": "mlo.hypergradient",
+                "device": "run.device", "precision": "run.precision"}
+
+
+def _options(*options):
+    """Apply a group of click options in the order they are listed (they show so in --help)."""
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _flat_config(flags: dict[str, Any]) -> dict[str, Any]:
+    """The config keys the CONFIG_OPTIONS flags set (dotted), -o overrides first so named flags win."""
+    flat: dict[str, Any] = dict(config_mod.parse_override(o) for o in flags["overrides"])
+    if flags["batch_size"] is not None:
+        flat.update({f"data.batch_{level}": flags["batch_size"] for level in ("mae", "head", "mask")})
+    flat.update({key: flags[name] for name, key in CONFIG_FLAGS.items() if flags[name] is not None})
+    return flat
+
+
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML config file (sections model, mlo, optim, data, run); flags override it.")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Model and recipe preset [default: tiny, or the config file's].")
-@click.option("--dataset", default=None,
-              help=_help("'digits' (built in) or a folder written by 'mlo-mae prepare'.", "data.dataset"))
-@click.option("--max-steps", type=click.IntRange(min=1), default=None,
-              help="Iterations to train (each: Stage-I x unroll, Stage II, Stage III); overrides --epochs.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=_help("Passes of Stage I over D_tr.", "run.epochs"))
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Batch size of every level [config: data.batch_mae/head/mask, default 32].")
-@click.option("--seed", type=int, default=None, help=_help("Seed of initialisation and data order.", "run.seed"))
-@click.option("--baseline/--mlo", default=None,
-              help="Plain MAE (random masking, no Stage III) or MLO-MAE [config: mlo.baseline, default --mlo].")
-@click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help=_help("Fraction of patches masked.", "mlo.mask_ratio"))
-@click.option("--hypergradient", type=click.Choice(["fd", "exact"]), default=None,
-              help=_help("fd: one finite difference; exact: double backward (small models).",
-                         "mlo.hypergradient"))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help=_help("Where to train; auto picks CUDA when present.", "run.device"))
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-              help=_help("bf16 autocast (CUDA only) or fp32.", "run.precision"))
-@click.option("--set", "-o", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override any config key, e.g. -o optim.lr_mask=3e-4 (repeatable).")
+@_options(*CONFIG_OPTIONS)
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Data-parallel Ray Train workers (each: its share of every batch) [default: 1].")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="CPUs Ray reserves per worker [default: on CPU (cluster CPUs - 1) / workers, at least 0.5, "
-                   "so that Ray Data keeps a CPU; on GPU 1, the rest decode].")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
-              help="GPUs per worker [default: 1 if the device is cuda, or auto on a cluster with GPUs; else 0].")
-@click.option("--address", envvar="RAY_ADDRESS", default=None,
-              help="Join the Ray cluster at this address (e.g. auto, or ray://head:10001) "
-                   "[default: $RAY_ADDRESS, else start a local cluster sized to this machine].")
-@click.option("--storage-path", default="ray_results",
-              help="Where runs keep checkpoints (Ray Train storage). Multi-node runs need storage every node "
-                   "sees: NFS or s3://...")
+@_options(*CLUSTER_OPTIONS)
 @click.option("--name", default=None, help="Run name, a folder under --storage-path [default: pretrain-DATE-TIME].")
 @click.option("--resume", "resume_name", default=None, metavar="NAME",
               help="Continue run NAME from its last checkpoint, with its saved config and workers.")
 @TRACKING_URI
 @EXPERIMENT
-def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, max_steps: int | None,
-             epochs: float | None, batch_size: int | None, seed: int | None, baseline: bool | None,
-             mask_ratio: float | None, hypergradient: str | None, device: str | None,
-             precision: str | None, overrides: tuple[str, ...], print_config: bool, workers: int | None,
+def pretrain(config_file: Path | None, preset: str | None, print_config: bool, workers: int | None,
              cpus_per_worker: float | None, gpus_per_worker: float | None, address: str | None,
              storage_path: str, name: str | None, resume_name: str | None, tracking_uri: str | None,
-             experiment: str) -> None:
+             experiment: str, **flags: Any) -> None:
     """Pretrain E, D, C and T with MLO-MAE (or plain MAE with --baseline).
 
     With no arguments: the tiny preset on the built-in digits, a few minutes on
@@ -123,15 +150,7 @@ def pretrain(config_file: Path | None, preset: str | None, dataset: str | None, 
     run restarts from the last one by itself when a worker dies. Every run is
     an MLflow run (metrics, heatmaps, the encoder for timm): see 'mlo-mae runs'.
     """
-    flat: dict[str, Any] = dict(config_mod.parse_override(o) for o in overrides)
-    flags = {
-        "data.dataset": dataset, "run.max_steps": max_steps, "run.epochs": epochs, "run.seed": seed,
-        "mlo.baseline": baseline, "mlo.mask_ratio": mask_ratio, "mlo.hypergradient": hypergradient,
-        "run.device": device, "run.precision": precision,
-    }
-    if batch_size is not None:
-        flags.update({"data.batch_mae": batch_size, "data.batch_head": batch_size, "data.batch_mask": batch_size})
-    flat.update({k: v for k, v in flags.items() if v is not None})
+    flat = _flat_config(flags)
     if resume_name is not None:
         given = (sorted(k for k in flat) + (["--config"] if config_file else []) + (["--preset"] if preset else [])
                  + (["--tracking-uri"] if tracking_uri else []))
@@ -172,6 +191,178 @@ def _resume(name: str, storage_path: str, workers: int | None, cpus_per_worker: 
     _run_pretrain(cfg, launch, settings.get("mlflow"), resume=True)
 
 
+@cli.command()
+@click.option("--space", "space_name", default="default", metavar="FILE|NAME",
+              help="Search-space YAML file, or a built-in space: default, cpu-smoke (see tune_spaces/).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=8,
+              help="Trials to sample (each grid: entry multiplies them).")
+@click.option("--workers-per-trial", type=click.IntRange(min=1), default=1, help="Ray Train workers of each trial.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="Trials running at once [default: what the cluster fits: a GPU per worker, or on CPUs two CPUs "
+                   "per worker with one left for Ray Data; at least 1].")
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default="asha",
+              help="asha: stop trials that are behind at each rung (ASHA on the evaluations); fifo: run all to "
+                   "the end.")
+@click.option("--grace-period", type=click.IntRange(min=1), default=None,
+              help="ASHA: iterations a trial runs before it can be stopped [default: run.eval_every].")
+@click.option("--reduction-factor", type=click.IntRange(min=2), default=2,
+              help="ASHA: one trial in this many goes on past each rung.")
+@click.option("--search", type=click.Choice(["random", "optuna"]), default="random",
+              help="random (and grid: entries) or Optuna's TPE (pip install 'mlo-mae[optuna]').")
+@click.option("--search-seed", type=int, default=0, help="Seed of the sampling of the space.")
+@click.option("--metric", default="val_top1",
+              help="What ranks trials: val_top1 (D_val top-1 of the level-3 head C on E; higher is better), "
+                   "val_loss (lower), or probe_val_top1 (the end-of-run linear probe on D_val; --scheduler fifo).")
+@_options(*CONFIG_OPTIONS, *CLUSTER_OPTIONS)
+@click.option("--name", default=None, help="Study name, a folder under --storage-path [default: tune-DATE-TIME].")
+@click.option("--resume", "resume_name", default=None, metavar="NAME",
+              help="Continue study NAME: unfinished trials go on from their last checkpoints, then new ones start.")
+@TRACKING_URI
+@EXPERIMENT
+def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurrent: int | None, scheduler: str,
+         grace_period: int | None, reduction_factor: int, search: str, search_seed: int, metric: str,
+         config_file: Path | None, preset: str | None, cpus_per_worker: float | None, gpus_per_worker: float | None,
+         address: str | None, storage_path: str, name: str | None, resume_name: str | None,
+         tracking_uri: str | None, experiment: str, **flags: Any) -> None:
+    """Search hyperparameters with Ray Tune: each trial is a pretrain run with sampled settings.
+
+    The space file says which config keys vary and how; every pretrain flag
+    (and the file's fixed: keys) sets the base they vary from. Trials report
+    their evaluations as they train, and ASHA stops those that fall behind.
+    The study is an MLflow parent run with one child run per trial; at the end
+    a results table is printed, and the best trial's whole config is written to
+    STORAGE/NAME/best-config.yaml, ready for 'mlo-mae pretrain --config'.
+    """
+    from tune_spaces.space import SpaceError, load_space
+
+    from training.study import StudyError, StudyOptions
+
+    if resume_name is not None:
+        given = sorted(_flat_config(flags)) + [flag for flag, value in (
+            ("--config", config_file), ("--preset", preset), ("--name", name), ("--tracking-uri", tracking_uri))
+            if value]
+        if given:
+            raise UserError(f"--resume continues a study with its saved settings; drop {', '.join(given)}")
+        _resume_study(resume_name, storage_path, address)
+        return
+    try:
+        space = load_space(space_name)
+    except SpaceError as err:
+        raise UserError(f"--space: {err}") from None
+    flat = _flat_config(flags)
+    searched = sorted(set(flat) & set(space.params))
+    if searched:
+        raise UserError(f"{searched[0]} is searched by {space.path}; drop it from the flags or from the space")
+    base = config_mod.resolve(config_file, preset, {**space.fixed, **flat})
+    options = StudyOptions(num_samples=num_samples, workers_per_trial=workers_per_trial,
+                           max_concurrent=max_concurrent, scheduler=scheduler, grace_period=grace_period,
+                           reduction_factor=reduction_factor, search=search, search_seed=search_seed, metric=metric,
+                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    try:
+        _new_study(space, base, options, name or time.strftime("tune-%Y%m%d-%H%M%S"), storage_path, address,
+                   {"uri": _tracking_uri(tracking_uri), "experiment": experiment})
+    except StudyError as err:
+        raise UserError(str(err)) from None
+
+
+def _study_cluster(address: str | None) -> dict[str, float]:
+    import ray
+
+    from training.launch import TrainingError, init_ray, last_error_line
+
+    try:
+        init_ray(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise click.ClickException(str(TrainingError(f"cannot start or reach Ray ({address or 'local'}): "
+                                                     f"{last_error_line(err)}"))) from None
+    return ray.cluster_resources()
+
+
+def _new_study(space, base: config_mod.Config, options, name: str, storage_path: str, address: str | None,
+               mlflow: dict[str, str]) -> None:
+    from training import study, tracking
+    from training.launch import batch_problem, warn_local_store
+    from training.storage import storage_uri
+
+    study.check_options(options, space, base)
+    if study.read_settings(storage_path, name) is not None:
+        raise UserError(f"--name: study '{name}' already exists in '{storage_uri(storage_path)}'; continue it "
+                        f"with --resume {name} or choose another name")
+    data = open_dataset(base.data.dataset)
+    problem = batch_problem(study.largest_batches(space, base), data, options.workers_per_trial)
+    if problem:
+        raise UserError(problem + (f" (the largest batch of {space.path})"
+                                   if any(k.startswith("data.batch_") for k in space.params) else ""))
+    cluster = _study_cluster(address)
+    warn_local_store(mlflow["uri"], _warn)
+    trials = options.num_samples * space.grid_size
+    concurrent = study.concurrency(options, cluster, trials)
+    study.check_fits(options, cluster, concurrent)
+    settings = study.study_settings(name, storage_path, space, base, str(data.root.resolve()), data.count("train"),
+                                    options, concurrent, {**mlflow, "run_id": None})
+    try:
+        study.start(settings, space, base)
+    except tracking.TrackingError as err:
+        raise UserError(f"--tracking-uri: {err}") from None
+    max_t = study.longest_trial(space, base, data.count("train"))
+    asha = (f"ASHA on {options.metric} (grace {min(options.grace_period or base.run.eval_every or 1, max_t)}, "
+            f"reduction {options.reduction_factor}, up to {max_t} iterations)" if options.scheduler == "asha"
+            else "FIFO (every trial to its end)")
+    click.echo(f"study '{name}': {trials} trial(s) of {space.path} ({', '.join(space.params)}) | {asha} | "
+               f"{options.search} search, seed {options.search_seed} | {concurrent} at once, "
+               f"{options.workers_per_trial} worker(s) each | {data.manifest['name']}, preset {base.preset}")
+    click.echo(f"MLflow parent run {settings['mlflow']['run_id']} (experiment '{mlflow['experiment']}') at "
+               f"{mlflow['uri']}; trials in {settings['trials_path']}")
+    _run_study(settings, space, resume=False)
+
+
+def _resume_study(name: str, storage_path: str, address: str | None) -> None:
+    from tune_spaces.space import SpaceError, load_space
+
+    from training import study
+    from training.storage import storage_uri
+
+    settings = study.read_settings(storage_path, name)
+    if settings is None:
+        raise UserError(f"--resume: no study '{name}' in '{storage_uri(storage_path)}' (see --storage-path)")
+    try:
+        space = load_space(f"{settings['storage']}/{name}/{study.SPACE_COPY}")
+    except SpaceError as err:
+        raise UserError(f"--resume: {err}") from None
+    _study_cluster(address)
+    click.echo(f"study '{name}': resuming ({study.expected_trials(settings, space)} trial(s) in all)")
+    _run_study(settings, space, resume=True)
+
+
+def _run_study(settings: dict[str, Any], space, resume: bool) -> None:
+    from training import study, tracking
+
+    try:
+        outcome = study.run(settings, space, click.echo, resume=resume)
+    except study.StudyInterrupted as stop:
+        click.echo(f"interrupted; the finished trials and the checkpoints are kept: continue with 'mlo-mae tune "
+                   f"--resume {settings['name']}'" + (f" --storage-path {settings['storage']}"
+                                                      if settings["storage"] != os.path.abspath("ray_results")
+                                                      else ""), err=True)
+        sys.exit(128 + stop.signum)
+    except (study.StudyError, tracking.TrackingError) as err:
+        raise click.ClickException(str(err)) from None
+    metric = settings["options"]["metric"]
+    header, body = study.table(outcome.rows, metric)
+    click.echo(f"study '{settings['name']}': {len(outcome.rows)} trial(s)")
+    _echo_table(header, body)
+    if outcome.best is None:
+        raise click.ClickException(f"no trial ran to its end with a {metric}; see the table above (the trials' "
+                                   "output is in the Ray logs, /tmp/ray/session_latest/logs)")
+    best = outcome.best
+    click.echo(f"best: trial {best.number}, {metric} {best.metric:.4f} (MLflow run {best.run_id}) | config: "
+               f"{outcome.folder}/{study.BEST_CONFIG} (mlo-mae pretrain --config ...)")
+    uri = settings["mlflow"]["uri"]
+    click.echo(f"compare the trials: 'mlflow ui --backend-store-uri {uri}', experiment "
+               f"'{settings['mlflow']['experiment']}', run '{settings['name']}'" if uri.startswith("sqlite")
+               else f"compare the trials in MLflow at {uri}, run '{settings['name']}'")
+
+
 def digits_cache() -> Path:
     """Where the built-in digits are prepared once: $MLO_MAE_DATA_DIR, else ~/.cache/mlo-mae."""
     root = os.environ.get("MLO_MAE_DATA_DIR") or Path.home() / ".cache" / "mlo-mae"
@@ -207,11 +398,10 @@ def _progress_bar(phase: str, total: int):
 def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | None, resume: bool = False) -> None:
     from mlo_mae.config import lr_scale
     from mlo_mae.engine import resolve_device
-    from pipelines.streams import LEVELS
     from training import tracking as mlflow_tracking
-    from training.launch import TrainingError, TrainingInterrupted, run_pretrain
+    from training.launch import TrainingError, TrainingInterrupted, batch_problem, run_params, run_pretrain
     from training.storage import read_run, storage_uri, write_run
-    from training.worker import batch_size, total_iterations
+    from training.worker import total_iterations
 
     try:
         device = resolve_device(cfg.run.device) if launch.address is None else None
@@ -225,11 +415,9 @@ def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | Non
                         f"continue it with --resume {launch.name} or choose another name")
     data = open_dataset(cfg.data.dataset)
     n = launch.workers
-    for level, (split, _) in LEVELS.items():
-        batch = batch_size(cfg, level)
-        if batch * n > data.count(split):
-            raise UserError(f"data.batch_{level} ({batch}) x {n} worker(s) is larger than the {split} split "
-                            f"({data.count(split)} images) of '{data.root}'")
+    problem = batch_problem(cfg, data, n)
+    if problem:
+        raise UserError(problem)
     total = total_iterations(cfg, data.count("train"))
     mode = "baseline MAE (random masking)" if cfg.mlo.baseline else f"MLO-MAE ({cfg.mlo.hypergradient} hypergradient)"
     click.echo(f"{mode} | preset {cfg.preset} | {data.manifest['name']}: D_tr {data.count('train')}, "
@@ -247,12 +435,8 @@ def _run_pretrain(cfg: config_mod.Config, launch, tracking: dict[str, str] | Non
         if tracking is not None and resume:
             mlflow_tracking.reopen_run(tracking["uri"], tracking["run_id"])
         elif tracking is not None:
-            params = {"dataset.name": data.manifest["name"], "dataset.path": str(data.root.resolve()),
-                      "dataset.classes": data.num_classes, "dataset.train_images": data.count("train"),
-                      "dataset.val_images": data.count("val"), "dataset.test_images": data.count("test"),
-                      "workers": n, "global_batch": n * cfg.data.batch_mae, "total_iterations": total}
             tracking["run_id"] = mlflow_tracking.start_run(tracking["uri"], tracking["experiment"], launch.name,
-                                                           "pretrain", cfg, params,
+                                                           "pretrain", cfg, run_params(cfg, data, n),
                                                            {mlflow_tracking.RUN_DIR_TAG: run_dir})
     except mlflow_tracking.TrackingError as err:
         raise UserError(f"--tracking-uri: {err}") from None
@@ -566,9 +750,12 @@ def runs(tracking_uri: str | None, experiment: str, max_results: int) -> None:
                      "param": run.data.params.get(key), "metric": run.data.metrics.get(key)}[where]
             row.append("-" if value is None else fmt.format(value))
         rows.append(row)
-    header = [c[0] for c in RUN_COLUMNS]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     click.echo(f"experiment '{experiment}' at {uri}: {len(rows)} pretrain run(s)")
+    _echo_table([c[0] for c in RUN_COLUMNS], rows)
+
+
+def _echo_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
         click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 

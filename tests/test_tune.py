@@ -1,0 +1,222 @@
+"""`mlo-mae tune`: real Ray Tune studies of real pretrain trials on the built-in digits, recorded in a
+real MLflow store, plus the checks that run before anything starts.
+
+The 4-trial study is interrupted with SIGINT while its second trial trains and
+then resumed, so one run covers ASHA, the MLflow parent and child runs, the
+results table, the best config and ``--resume``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from mlo_mae import config as config_mod
+from training import study
+from training.trial import STOPPED_EARLY_TAG, STUDY_TAG
+from tune_spaces.space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, str(ROOT / "cli.py")]
+
+
+def mlo_mae(*args, cwd, timeout=900):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def _runs(uri: str, experiment: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- checks before anything starts (no Ray) ---------------------------------------------------------
+
+@pytest.mark.parametrize("space, flags, expected", [
+    ("space:\n  mlo.mask_rato: {uniform: [0.5, 0.9]}\n", [], "unknown config key 'mlo.mask_rato' (did you mean "
+                                                             "'mlo.mask_ratio'?)"),
+    ("space:\n  optim.lr_mask: {loguniform: [0.0, 1.0e-3]}\n", [], "loguniform needs low > 0"),
+    ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["--mask-ratio", "0.6"],
+     "mlo.mask_ratio is searched by"),
+    ("space:\n  mlo.mask_ratio: {grid: [0.5, 0.9]}\n", ["--search", "optuna"], "Optuna cannot sample"),
+    ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["--metric", "probe_test_top1"],
+     "the test split never selects a model"),
+    ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["--metric", "probe_val_top1"], "use --scheduler fifo"),
+    ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["-o", "run.eval_every=0"], "run.eval_every is 0"),
+])
+def test_bad_space_or_options_are_one_line_errors(tmp_path, space, flags, expected):
+    path = _write(tmp_path / "my-space.yaml", space)
+    result = mlo_mae("tune", "--space", str(path), *flags, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlo-mae: error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "ray_results").exists()  # nothing started
+
+
+def test_a_batch_larger_than_a_split_is_refused_for_the_largest_value_of_the_space(tmp_path):
+    path = _write(tmp_path / "batches.yaml", "space:\n  data.batch_head: {choice: [16, 5000]}\n")
+    result = mlo_mae("tune", "--space", str(path), cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert "data.batch_head (5000) x 1 worker(s) is larger than the train split" in result.stderr
+    assert str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_longest_trial_takes_the_ends_that_make_a_trial_longest():
+    base = config_mod.resolve(overrides={"run.epochs": 2.0, "data.batch_mae": 32})
+    space = load_space(ROOT / "tune_spaces" / "default.yaml")  # mlo.unroll_mae: randint [1, 3]
+    # ceil(epochs * rows / (batch * unroll)) at the shortest unroll, by hand: ceil(2 * 1000 / (32 * 1)) = 63
+    assert study.longest_trial(space, base, 1000) == 63
+    fixed = load_space(ROOT / "tune_spaces" / "cpu-smoke.yaml")
+    assert study.longest_trial(fixed, config_mod.resolve(overrides=fixed.fixed), 1000) == 12
+
+
+def test_concurrency_and_placement_on_small_and_gpu_clusters():
+    options = study.StudyOptions(workers_per_trial=1)
+    assert study.concurrency(options, {"CPU": 2.0}, 4) == 1
+    assert study.concurrency(options, {"CPU": 16.0}, 4) == 4  # capped by the trials
+    assert study.concurrency(options, {"CPU": 16.0}, 20) == 6  # (16 - 1) // (2 + 0.5)
+    assert study.concurrency(study.StudyOptions(workers_per_trial=2), {"CPU": 64.0, "GPU": 8.0}, 20) == 4
+    study.check_fits(options, {"CPU": 2.0}, 1)  # 0.5 driver + 0.5 worker + 1 for Ray Data
+    with pytest.raises(study.StudyError, match="need 3 CPUs"):
+        study.check_fits(study.StudyOptions(workers_per_trial=3), {"CPU": 2.0}, 1)
+
+
+def test_best_trial_is_chosen_among_trials_that_ran_to_the_end():
+    def row(number, metric, status):
+        return study.TrialRow(number, f"x_{number}", {}, metric, 3 if status == "stopped early" else 12, 12,
+                              status, None)
+
+    rows = [row("0", 0.9, "stopped early"), row("1", 0.5, "finished"), row("2", 0.7, "finished"),
+            row("3", None, "failed")]
+    assert study.best_row(rows, "val_top1").number == "2"
+    assert study.best_row(rows, "val_loss").number == "1"
+    assert study.best_row([rows[0], rows[3]], "val_top1") is None
+    assert study.trial_outcome("TERMINATED", 3, 12) == "stopped early"
+    assert study.trial_outcome("TERMINATED", 12, 12) == "finished"
+
+
+# --- real studies ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """cpu-smoke, 4 trials, ASHA on val_loss (val_top1 ties at chance after 12 iterations); SIGINT while
+    trial 00001 trains, then --resume."""
+    cwd = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    args = ["tune", "--space", "cpu-smoke", "--num-samples", "4", "--metric", "val_loss", "--name", "smoke",
+            "--tracking-uri", uri, "--experiment", "study"]
+    proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first: list[str] = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        first.append(line)
+        if line.startswith("trial 00001: iteration"):
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.monotonic() < deadline, "".join(first)
+    out, err = proc.communicate(timeout=300)
+    interrupted = {"stdout": "".join(first) + out, "stderr": err, "rc": proc.returncode}
+    resumed = mlo_mae("tune", "--resume", "smoke", cwd=cwd)
+    return {"cwd": cwd, "uri": uri, "interrupted": interrupted, "resumed": resumed,
+            "folder": cwd / "ray_results" / "smoke"}
+
+
+def test_interrupted_study_says_how_to_resume(smoke_study):
+    first = smoke_study["interrupted"]
+    assert first["rc"] == 130, first["stderr"][-2000:]
+    assert "continue with 'mlo-mae tune --resume smoke'" in first["stderr"]
+    assert "trial 00000 finished at iteration 12/12" in first["stdout"]
+
+
+def test_resumed_study_finishes_with_asha_stopping_trials(smoke_study):
+    resumed = smoke_study["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(smoke_study["folder"] / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4
+    statuses = [r["status"] for r in rows]
+    assert statuses.count("stopped early") >= 1 and set(statuses) <= {"finished", "stopped early"}, statuses
+    for r in rows:  # stopped early: behind at a rung, before the end
+        assert (int(r["iteration"]) < 12) == (r["status"] == "stopped early")
+    assert "stopped early" in resumed.stdout and "best: trial" in resumed.stdout
+    assert "Configuration for experiment" not in resumed.stdout  # Tune's own banner stays out of the way
+
+
+def test_study_is_one_parent_run_with_one_child_per_trial(smoke_study):
+    runs = _runs(smoke_study["uri"], "study")
+    parents = [r for r in runs if r.data.tags.get("mlo_mae.kind") == "tune"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags[STUDY_TAG] == "smoke"
+    assert parent.data.params["space.optim.lr_mask"] == "loguniform(1e-05, 0.001)"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and len(runs) == 5  # the resumed trial kept its run: no fifth child
+    with open(smoke_study["folder"] / "results.csv") as handle:
+        rows = {r["mlflow_run_id"]: r for r in csv.DictReader(handle)}
+    client = mlflow.MlflowClient(smoke_study["uri"])
+    for child in children:
+        row = rows[child.info.run_id]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags[STOPPED_EARLY_TAG] == str(row["status"] == "stopped early").lower()
+        assert float(child.data.params["mlo.mask_ratio"]) == pytest.approx(float(row["mlo.mask_ratio"]))
+        history = client.get_metric_history(child.info.run_id, "eval/val_loss")
+        assert max(m.step for m in history) == int(row["iteration"])
+        artifacts = {f.path for f in client.list_artifacts(child.info.run_id)}
+        assert "images" in artifacts  # the heatmaps of every evaluation (log_image)
+        if row["status"] == "finished":  # the end of a run: evolution GIF, the encoder for timm
+            assert {"heatmaps", "model", "checkpoint.json"} <= artifacts
+    best = min((r for r in rows.values() if r["status"] == "finished"), key=lambda r: float(r["val_loss"]))
+    assert parent.data.tags["mlo_mae.best_run"] == best["mlflow_run_id"]
+    assert parent.data.metrics["best/val_loss"] == pytest.approx(float(best["val_loss"]))
+    assert parent.data.metrics["trials/stopped_early"] >= 1
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "best-config.yaml", "space.yaml"} <= artifacts
+
+
+def test_best_config_is_accepted_by_pretrain_unchanged(smoke_study):
+    path = smoke_study["folder"] / "best-config.yaml"
+    printed = mlo_mae("pretrain", "--config", str(path), "--print-config", cwd=smoke_study["cwd"], timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    loaded = yaml.safe_load(printed.stdout)
+    with open(smoke_study["folder"] / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    best = min((r for r in rows if r["status"] == "finished"), key=lambda r: float(r["val_loss"]))
+    trial = yaml.safe_load((smoke_study["folder"] / "trials" / best["trial_id"] / "mlo-mae-run.yaml").read_text())
+    assert loaded == config_mod.from_dict(trial["config"]).to_dict()
+    assert loaded["mlo"]["mask_ratio"] == pytest.approx(float(best["mlo.mask_ratio"]))
+    assert loaded["run"]["max_steps"] == 12 and loaded["run"]["probe"] is False  # the space's fixed keys
+
+
+def test_failing_trials_are_reported_and_the_study_goes_on(tmp_path):
+    """An lr that diverges at once: each trial fails with the NaN line, the next one still runs;
+    with no trial finished the study fails (exit 1). Optuna samples."""
+    space = _write(tmp_path / "diverge.yaml", "space:\n  optim.lr_mae: {loguniform: [1.0e+29, 1.0e+30]}\n"
+                   "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n  run.probe: false\n"
+                   "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = mlo_mae("tune", "--space", str(space), "--num-samples", "2", "--search", "optuna", "--name", "nan",
+                     "--tracking-uri", uri, "--experiment", "nan", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stdout.count("failed: training stopped: non-finite") == 2 * 2, result.stdout  # progress + table
+    assert "no trial ran to its end" in result.stderr
+    runs = _runs(uri, "nan")
+    children = [r for r in runs if r.data.tags.get("mlo_mae.kind") == "pretrain"]
+    assert len(children) == 2 and {r.info.status for r in children} == {"FAILED"}
+    parent = next(r for r in runs if r.data.tags.get("mlo_mae.kind") == "tune")
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials/failed"] == 2
+    assert parent.data.params["tune.search"] == "optuna"
+    assert not os.path.exists(tmp_path / "ray_results" / "nan" / "best-config.yaml")

@@ -1,0 +1,536 @@
+"""The driver side of ``mlo-mae tune``: a Ray Tune study of pretrain trials, recorded in MLflow.
+
+A study lives in ``STORAGE/NAME/``: Tune's experiment state (what ``--resume``
+restores), ``mlo-mae-study.yaml`` (the settings), ``space.yaml`` (the space as it
+was read), one folder per trial under ``trials/`` (each a pretrain run, see
+``training.trial``), and at the end ``results.csv`` and ``best-config.yaml``.
+In MLflow the study is a parent run (the space, the options, the best value as
+trials finish, the results and the best config as artifacts) and each trial a
+child run with everything a pretrain run records.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import logging
+import os
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow.fs
+import ray.tune
+
+from mlo_mae import config as config_mod
+from tune_spaces.space import SearchSpace
+
+from . import tracking
+from .launch import last_error_line
+from .storage import filesystem, read_run, storage_uri
+from .trial import STOPPED_EARLY_TAG, STUDY_TAG, TRIAL_CPUS, trial_config, trial_number
+from .worker import total_iterations
+
+STUDY_FILE = "mlo-mae-study.yaml"
+SPACE_COPY = "space.yaml"
+BEST_CONFIG = "best-config.yaml"
+BEST_TRIAL_TAG = "mlo_mae.best_run"
+# What a trial reports while it trains (ASHA can compare trials on it) or only at its end.
+METRICS = {"val_top1": "max", "val_loss": "min"}
+FINAL_METRICS = {"probe_val_top1": "max"}
+LENGTH_KEYS = ("run.max_steps", "run.epochs", "data.batch_mae", "mlo.unroll_mae")  # set how long a trial runs
+
+
+class StudyError(ValueError):
+    """Study options or state that cannot work; one line for the user."""
+
+
+@dataclass
+class StudyOptions:
+    """How the study searches; saved with it, so that ``--resume`` goes on the same way."""
+
+    num_samples: int = 8
+    workers_per_trial: int = 1
+    max_concurrent: int | None = None  # None: what the cluster fits (see concurrency)
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int | None = None  # ASHA: iterations before a trial can be stopped; None: run.eval_every
+    reduction_factor: int = 2  # ASHA: 1/reduction_factor of the trials go on at each rung
+    search: str = "random"  # random | optuna
+    search_seed: int = 0
+    metric: str = "val_top1"
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+
+
+def metric_mode(metric: str) -> str:
+    return {**METRICS, **FINAL_METRICS}[metric]
+
+
+def check_options(options: StudyOptions, space: SearchSpace, base: config_mod.Config) -> None:
+    """Options that cannot give a useful study, as one line naming the flag."""
+    if options.metric not in METRICS and options.metric not in FINAL_METRICS:
+        hint = " (the test split never selects a model)" if "test" in options.metric else ""
+        raise StudyError(f"--metric {options.metric}: choose one of {', '.join([*METRICS, *FINAL_METRICS])}{hint}")
+    if options.metric in FINAL_METRICS:
+        if options.scheduler == "asha":
+            raise StudyError(f"--metric {options.metric} is only known when a trial ends, so ASHA cannot compare "
+                             "trials on it; use --scheduler fifo")
+        if not base.run.probe and "run.probe" not in space.params:
+            raise StudyError(f"--metric {options.metric} needs the end-of-run probe, which run.probe=false turns off")
+    if options.scheduler == "asha" and base.run.eval_every <= 0 and "run.eval_every" not in space.params:
+        raise StudyError("--scheduler asha compares trials on evaluations during training, and run.eval_every is 0; "
+                         "set it (e.g. -o run.eval_every=25) or use --scheduler fifo")
+    if options.search == "optuna":
+        grids = [key for key, p in space.params.items() if p.kind == "grid"]
+        if grids:
+            raise StudyError(f"--search optuna: '{grids[0]}' uses grid, which Optuna cannot sample; use choice")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise StudyError("--search optuna needs Optuna: pip install 'mlo-mae[optuna]' (or use --search "
+                             "random)") from None
+
+
+def longest_trial(space: SearchSpace, base: config_mod.Config, train_rows: int) -> int:
+    """The most iterations any trial of the space can run (ASHA's max_t): the longest of the configs
+    made of the ends of every searched key that sets a trial's length."""
+    ends = {key: [a for a in space.params[key].args if a is not None] or [None]
+            for key in LENGTH_KEYS if key in space.params}
+    totals = [total_iterations(config_mod.with_overrides(base, dict(zip(ends, combo))), train_rows)
+              for combo in itertools.product(*ends.values())]
+    return max(totals)
+
+
+def largest_batches(space: SearchSpace, base: config_mod.Config) -> config_mod.Config:
+    """The base config with every searched batch size at its largest: what must fit the splits."""
+    largest = {key: max(p.args) for key, p in space.params.items() if key.startswith("data.batch_")}
+    return config_mod.with_overrides(base, largest)
+
+
+def concurrency(options: StudyOptions, cluster: dict[str, float], trials: int) -> int:
+    """Trials at once: ``--max-concurrent``, else what the cluster fits (a GPU a worker on GPUs; on CPUs
+    two CPUs a worker, with one CPU left for Ray Data), at most the number of trials."""
+    if options.max_concurrent:
+        return options.max_concurrent
+    workers = options.workers_per_trial
+    if cluster.get("GPU", 0) > 0:
+        fits = cluster["GPU"] // (workers * (options.gpus_per_worker or 1.0))
+    else:
+        fits = (cluster.get("CPU", 1) - 1) // (2 * workers + TRIAL_CPUS)
+    return int(max(1, min(fits, trials)))
+
+
+def check_fits(options: StudyOptions, cluster: dict[str, float], concurrent: int) -> None:
+    """A study whose trials cannot all be placed would wait forever: say so instead."""
+    cpus = cluster.get("CPU", 1)
+    per_worker = options.cpus_per_worker or max(0.5, (cpus - 1 - TRIAL_CPUS * concurrent)
+                                                / (options.workers_per_trial * concurrent))
+    needed = concurrent * (TRIAL_CPUS + options.workers_per_trial * per_worker) + 1  # + 1: Ray Data
+    if cluster.get("GPU", 0) == 0 and needed > cpus:
+        raise StudyError(f"{concurrent} trial(s) at once with {options.workers_per_trial} worker(s) each need "
+                         f"{needed:g} CPUs (each worker {per_worker:g}, each trial's driver {TRIAL_CPUS:g}, Ray Data "
+                         f"1), the cluster has {cpus:g}: lower --max-concurrent or --workers-per-trial")
+
+
+def describe(space: SearchSpace) -> dict[str, str]:
+    """The space as MLflow params: ``space.KEY`` -> ``loguniform(1e-05, 0.001)``."""
+    return {f"space.{k}": f"{p.kind}({', '.join(str(a) for a in p.args)})" for k, p in space.params.items()}
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@dataclass
+class TrialRow:
+    """One line of the results table."""
+
+    number: str
+    trial_id: str
+    params: dict[str, Any]
+    metric: float | None
+    iteration: int | None
+    total: int
+    status: str  # finished | stopped early | failed | interrupted | pending
+    run_id: str | None
+    error: str = ""
+
+
+def trial_outcome(status: str, iteration: int | None, total: int) -> str:
+    if status == "ERROR":
+        return "failed"
+    if status == "TERMINATED":
+        return "finished" if iteration is not None and iteration >= total else "stopped early"
+    return "interrupted" if status in ("RUNNING", "PAUSED") else "pending"
+
+
+class StudyMonitor(ray.tune.Callback):
+    """Progress lines for the user, and the MLflow side of what Tune decides: the runs of trials that
+    a scheduler stopped (their process was ended, not finished) and the study's best value so far.
+
+    Pickled with the Tuner and restored with it, so it keeps no state of its own.
+    """
+
+    def __init__(self, settings: dict[str, Any], echo: Callable[[str], None]) -> None:
+        self.settings, self.echo = settings, echo
+
+    def _total(self, trial) -> int:
+        return total_iterations(trial_config(self.settings["base"], trial.config), self.settings["train_rows"])
+
+    def _run_id(self, trial) -> str | None:
+        saved = read_run(self.settings["trials_path"], trial.trial_id)
+        return saved["mlflow"]["run_id"] if saved else None
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in trial.config.items())
+        self.echo(f"trial {trial_number(trial.trial_id)} started: {params}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        metric = self.settings["options"]["metric"]
+        if result.get("evaluated") and metric in result:
+            self.echo(f"trial {trial_number(trial.trial_id)}: iteration {result['iteration']}/{self._total(trial)} | "
+                      f"{metric} {result[metric]:.4f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        last = trial.last_result or {}
+        metric, total = self.settings["options"]["metric"], self._total(trial)
+        outcome = trial_outcome("TERMINATED", last.get("iteration"), total)
+        value = f"{metric} {last[metric]:.4f}" if metric in last else f"no {metric}"
+        self.echo(f"trial {trial_number(trial.trial_id)} {outcome} at iteration {last.get('iteration')}/{total}: "
+                  f"{value}")
+        self._close(trial, "FINISHED", {STOPPED_EARLY_TAG: str(outcome == "stopped early").lower()})
+        self._log_best(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.echo(f"trial {trial_number(trial.trial_id)} failed: {trial_error(trial)}")
+        self._close(trial, "FAILED", {})
+        self._log_best(trials)
+
+    def _close(self, trial, status: str, tags: dict[str, str]) -> None:
+        """End the trial's MLflow run as Tune ended the trial (the trial never ends it itself)."""
+        uri, run_id = self.settings["mlflow"]["uri"], self._run_id(trial)
+        if run_id is None:  # failed before its run was created
+            return
+
+        def close() -> None:
+            client = tracking.client(uri)
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, status)
+
+        self._guarded("ending a trial's run", close)
+
+    def _log_best(self, trials: list) -> None:
+        """``best/METRIC`` over the trials that ran to the end (as ``best_row`` picks), by trials done."""
+        metric = self.settings["options"]["metric"]
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        values = [t.last_result[metric] for t in done if metric in (t.last_result or {}) and trial_outcome(
+            t.status, t.last_result.get("iteration"), self._total(t)) == "finished"]
+        if values:
+            best = (max if metric_mode(metric) == "max" else min)(values)
+            uri, parent = self.settings["mlflow"]["uri"], self.settings["mlflow"]["run_id"]
+            self._guarded("logging the best value", lambda: tracking.client(uri).log_metric(
+                parent, f"best/{metric}", best, step=len(done)))
+
+    def _guarded(self, what: str, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - the study goes on without this record
+            self.echo(f"warning: MLflow: {what} failed: {' '.join(str(err).split())[:200]}")
+
+
+def trial_error(trial) -> str:
+    """The one line a failed trial's error comes down to (a ``TrialError``'s message as it is)."""
+    text = None
+    try:  # the local copy is there as soon as the trial fails; storage gets it later
+        if trial.error_file and os.path.isfile(trial.error_file):
+            with open(trial.error_file) as handle:
+                text = handle.read()
+        else:
+            text = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be gone
+        pass
+    if not text:
+        return "failed (see error.txt in the trial's folder)"
+    return re.sub(r"^([A-Za-z_]+\.)*TrialError: ", "", last_error_line(text))
+
+
+def results(path: str, settings: dict[str, Any]) -> list[TrialRow]:
+    """The table of every trial, read back from Tune's experiment state."""
+    from ray.tune import ExperimentAnalysis
+
+    metric = settings["options"]["metric"]
+    analysis = ExperimentAnalysis(path, default_metric=metric, default_mode=metric_mode(metric))
+    rows = []
+    for trial in analysis.trials:  # in the order they were created
+        last = trial.last_result or {}
+        total = total_iterations(trial_config(settings["base"], trial.config), settings["train_rows"])
+        saved = read_run(settings["trials_path"], trial.trial_id)
+        rows.append(TrialRow(trial_number(trial.trial_id), trial.trial_id, dict(trial.config), last.get(metric),
+                             last.get("iteration"), total, trial_outcome(trial.status, last.get("iteration"), total),
+                             saved["mlflow"]["run_id"] if saved else None,
+                             trial_error(trial) if trial.status == "ERROR" else ""))
+    return rows
+
+
+def best_row(rows: list[TrialRow], metric: str) -> TrialRow | None:
+    """The best trial among those that ran to the end (a trial stopped early was behind at a rung)."""
+    candidates = [r for r in rows if r.status == "finished" and r.metric is not None and not math.isnan(r.metric)]
+    if not candidates:
+        return None
+    return (max if metric_mode(metric) == "max" else min)(candidates, key=lambda r: r.metric)
+
+
+def table(rows: list[TrialRow], metric: str) -> tuple[list[str], list[list[str]]]:
+    keys = list(rows[0].params) if rows else []
+    header = ["trial", *keys, metric, "iterations", "status", "mlflow run"]
+    body = [[r.number, *(format_value(r.params.get(k)) for k in keys),
+             "-" if r.metric is None or r.status == "failed" else f"{r.metric:.4f}",
+             f"{r.iteration if r.iteration is not None else 0}/{r.total}",
+             r.status + (f": {r.error}" if r.error else ""), (r.run_id or "-")[:12]] for r in rows]
+    return header, body
+
+
+def results_csv(rows: list[TrialRow], metric: str) -> str:
+    keys = list(rows[0].params) if rows else []
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial_id", *keys, metric, "iteration", "total_iterations", "status", "mlflow_run_id", "error"])
+    for r in rows:
+        writer.writerow([r.trial_id, *(r.params.get(k) for k in keys), r.metric, r.iteration, r.total, r.status,
+                         r.run_id, r.error])
+    return out.getvalue()
+
+
+def best_config_yaml(row: TrialRow, settings: dict[str, Any]) -> str:
+    """The best trial's whole config, as ``mlo-mae pretrain --config`` reads it."""
+    cfg = trial_config(settings["base"], row.params)
+    metric = settings["options"]["metric"]
+    head = (f"# Best trial of study '{settings['name']}': trial {row.number} ({row.trial_id}), {metric} "
+            f"{row.metric:.4f} at iteration {row.iteration}/{row.total}, MLflow run {row.run_id}.\n"
+            f"# Train it: mlo-mae pretrain --config THIS_FILE\n")
+    return head + cfg.to_yaml()
+
+
+def write_text(folder: str, name: str, text: str) -> str:
+    fs, root = filesystem(folder)
+    with fs.open_output_stream(f"{root}/{name}") as handle:
+        handle.write(text.encode())
+    return f"{folder}/{name}"
+
+
+class _DropReported(logging.Filter):
+    """Tune logs a failed trial's whole traceback; the study prints its one line (the rest is in error.txt)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Trial task failed", "Trials did not complete"))
+
+
+def quiet_tune() -> None:
+    """Leave the terminal to the study's own lines: no banner, no tracebacks it already reports."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new engine prints its banner even at verbose=0
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).addFilter(_DropReported())
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
+
+
+def build_scheduler(options: StudyOptions, max_t: int, eval_every: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if options.scheduler == "fifo":
+        return FIFOScheduler()
+    grace = min(options.grace_period or eval_every or 1, max_t)
+    # stop_last_trials=False: a trial that reaches max_t still ends by itself (final checkpoint, probe)
+    return ASHAScheduler(time_attr="iteration", max_t=max_t, grace_period=grace,
+                         reduction_factor=options.reduction_factor, stop_last_trials=False)
+
+
+def build_search(options: StudyOptions, concurrent: int):
+    """The searcher, limited to ``concurrent`` trials at once (Tune's own limit skips a searcher it is given)."""
+    if options.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=options.search_seed), max_concurrent=concurrent)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=options.search_seed, max_concurrent=concurrent)
+
+
+def trainable(settings: dict[str, Any]):
+    """The trial function with the study's settings bound and the resources each trial's driver holds."""
+    from .trial import run_trial
+
+    trial_settings = {k: settings[k] for k in ("name", "base", "dataset", "trials_path", "parent_run_id")}
+    options = settings["options"]
+    trial_settings.update(workers=options["workers_per_trial"], cpus_per_worker=options["cpus_per_worker"],
+                          gpus_per_worker=options["gpus_per_worker"], concurrent=settings["concurrent"],
+                          tracking_uri=settings["mlflow"]["uri"], experiment=settings["mlflow"]["experiment"])
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, study=trial_settings), {"CPU": TRIAL_CPUS})
+
+
+def new_tuner(space: SearchSpace, settings: dict[str, Any], max_t: int, echo: Callable[[str], None]):
+    options = StudyOptions(**settings["options"])
+    base = config_mod.from_dict(settings["base"])
+    return ray.tune.Tuner(
+        trainable(settings),
+        param_space=space.to_tune(),
+        tune_config=ray.tune.TuneConfig(
+            metric=options.metric, mode=metric_mode(options.metric), num_samples=options.num_samples,
+            search_alg=build_search(options, settings["concurrent"]),
+            scheduler=build_scheduler(options, max_t, base.run.eval_every),
+            trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=ray.tune.RunConfig(
+            name=settings["name"], storage_path=settings["storage"], verbose=0,
+            callbacks=[StudyMonitor(settings, echo)],
+            failure_config=ray.tune.FailureConfig(max_failures=0)),  # a failing trial fails; Train retries workers
+    )
+
+
+def restore_tuner(settings: dict[str, Any]):
+    path = f"{settings['storage']}/{settings['name']}"
+    if not ray.tune.Tuner.can_restore(path):
+        raise StudyError(f"--resume: '{path}' has no Tune state to continue (the study stopped before its first "
+                         "trial was recorded); start it again")
+    return ray.tune.Tuner.restore(path, trainable(settings), resume_unfinished=True, resume_errored=False)
+
+
+class StudyInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: Tune stopped the trials and saved its state for ``--resume``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__("interrupted")
+        self.signum = signum
+
+
+def fit(tuner, expected_trials: int, path: str) -> None:
+    """Run the Tuner to the end. On Ctrl-C Tune stops the running trials, saves its state and returns;
+    SIGTERM (schedulers, ``kill``) is turned into the same. Either way this raises ``StudyInterrupted``."""
+    from ray.tune import ExperimentAnalysis
+
+    terminated: list[int] = []
+
+    def on_term(signum, _frame) -> None:  # after ray.init, whose own SIGTERM handler crashes the driver
+        terminated.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background process inherits it ignored
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's handler is in place
+        raise StudyInterrupted(signal.SIGINT) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    trials = ExperimentAnalysis(path).trials
+    if terminated or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < expected_trials:
+        raise StudyInterrupted(signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def study_settings(name: str, storage: str, space: SearchSpace, base: config_mod.Config, dataset: str,
+                   train_rows: int, options: StudyOptions, concurrent: int, mlflow: dict[str, str]) -> dict[str, Any]:
+    """What the study saves in ``mlo-mae-study.yaml``: all that ``--resume`` and the trials need."""
+    return {"name": name, "storage": storage_uri(storage), "base": base.to_dict(), "dataset": dataset,
+            "train_rows": train_rows, "space_file": str(space.path), "options": asdict(options),
+            "concurrent": concurrent, "trials_path": f"{storage_uri(storage)}/{name}/trials",
+            "mlflow": mlflow, "parent_run_id": mlflow["run_id"]}
+
+
+def expected_trials(settings: dict[str, Any], space: SearchSpace) -> int:
+    """Samples times the grid (Tune repeats every grid point in each sample); Optuna has no grid."""
+    return settings["options"]["num_samples"] * space.grid_size
+
+
+def start(settings: dict[str, Any], space: SearchSpace, base: config_mod.Config) -> str:
+    """The study's MLflow parent run and its folder with the settings; returns the parent's run id."""
+    import yaml
+
+    mlflow, options = settings["mlflow"], settings["options"]
+    params = {**describe(space), **{f"tune.{k}": v for k, v in options.items()},
+              "tune.concurrent": settings["concurrent"], "tune.trials": expected_trials(settings, space)}
+    run_id = tracking.start_run(mlflow["uri"], mlflow["experiment"], settings["name"], "tune", base, params,
+                                {STUDY_TAG: settings["name"]})
+    settings["mlflow"]["run_id"] = settings["parent_run_id"] = run_id
+    folder = f"{settings['storage']}/{settings['name']}"
+    fs, root = filesystem(folder)
+    fs.create_dir(root, recursive=True)
+    text = space.path.read_text()
+    write_text(folder, SPACE_COPY, text)
+    write_text(folder, STUDY_FILE, yaml.safe_dump(settings, sort_keys=False))
+    tracking.client(mlflow["uri"]).log_text(run_id, text, SPACE_COPY)
+    return run_id
+
+
+def read_settings(storage: str, name: str) -> dict[str, Any] | None:
+    import yaml
+
+    fs, root = filesystem(f"{storage_uri(storage)}/{name}")
+    if fs.get_file_info(f"{root}/{STUDY_FILE}").type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{root}/{STUDY_FILE}") as handle:
+        return yaml.safe_load(handle.read().decode())
+
+
+@dataclass
+class StudyOutcome:
+    rows: list[TrialRow]
+    best: TrialRow | None
+    folder: str  # where results.csv and best-config.yaml are
+
+
+def run(settings: dict[str, Any], space: SearchSpace, echo: Callable[[str], None], resume: bool = False) -> StudyOutcome:
+    """Run (or continue) the study to its end and record the outcome; ``StudyInterrupted`` on Ctrl-C/SIGTERM."""
+    folder = f"{settings['storage']}/{settings['name']}"
+    uri, parent = settings["mlflow"]["uri"], settings["mlflow"]["run_id"]
+    quiet_tune()
+    if resume:
+        tracking.reopen_run(uri, parent)
+        tuner = restore_tuner(settings)
+    else:
+        base = config_mod.from_dict(settings["base"])
+        tuner = new_tuner(space, settings, longest_trial(space, base, settings["train_rows"]), echo)
+    try:
+        fit(tuner, expected_trials(settings, space), folder)
+    except StudyInterrupted:
+        ended = {"finished": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED"}
+        client = tracking.client(uri)
+        for row in results(folder, settings):  # no run stays RUNNING; --resume reopens the interrupted ones
+            if row.run_id and client.get_run(row.run_id).info.status == "RUNNING":
+                tracking.end_run(uri, row.run_id, ended.get(row.status, "KILLED"), echo)
+        tracking.end_run(uri, parent, "KILLED", echo)
+        raise
+    return conclude(settings, folder)
+
+
+def conclude(settings: dict[str, Any], folder: str) -> StudyOutcome:
+    """The results table and best config, in the study folder and on the parent run."""
+    metric = settings["options"]["metric"]
+    rows = results(folder, settings)
+    best = best_row(rows, metric)
+    uri, parent = settings["mlflow"]["uri"], settings["mlflow"]["run_id"]
+    client = tracking.client(uri)
+    table_csv = results_csv(rows, metric)
+    write_text(folder, "results.csv", table_csv)
+    client.log_text(parent, table_csv, "results.csv")
+    if best is not None:
+        text = best_config_yaml(best, settings)
+        write_text(folder, BEST_CONFIG, text)
+        client.log_text(parent, text, BEST_CONFIG)
+        client.log_metric(parent, f"best/{metric}", best.metric, step=len(rows))
+        client.set_tag(parent, BEST_TRIAL_TAG, best.run_id or best.trial_id)
+    for key, count in (("finished", "trials/finished"), ("stopped early", "trials/stopped_early"),
+                       ("failed", "trials/failed")):
+        client.log_metric(parent, count, sum(r.status == key for r in rows))
+    tracking.end_run(uri, parent, "FINISHED" if best is not None else "FAILED")
+    return StudyOutcome(rows, best, folder)
