@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from mlo_mae import config as config_mod
 from mlo_mae.config import PRESETS, ConfigError
@@ -238,9 +239,9 @@ def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurre
     from training.study import StudyError, StudyOptions
 
     if resume_name is not None:
-        given = sorted(_flat_config(flags)) + [flag for flag, value in (
-            ("--config", config_file), ("--preset", preset), ("--name", name), ("--tracking-uri", tracking_uri))
-            if value]
+        ctx = click.get_current_context()
+        given = [p.opts[-1] for p in ctx.command.params if p.name not in ("resume_name", "storage_path", "address")
+                 and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
         if given:
             raise UserError(f"--resume continues a study with its saved settings; drop {', '.join(given)}")
         _resume_study(resume_name, storage_path, address)
@@ -285,6 +286,7 @@ def _new_study(space, base: config_mod.Config, options, name: str, storage_path:
     from training.storage import storage_uri
 
     study.check_options(options, space, base)
+    study.check_space_on(space, base)
     if study.read_settings(storage_path, name) is not None:
         raise UserError(f"--name: study '{name}' already exists in '{storage_uri(storage_path)}'; continue it "
                         f"with --resume {name} or choose another name")
@@ -296,16 +298,16 @@ def _new_study(space, base: config_mod.Config, options, name: str, storage_path:
     cluster = _study_cluster(address)
     warn_local_store(mlflow["uri"], _warn)
     trials = options.num_samples * space.grid_size
-    concurrent = study.concurrency(options, cluster, trials)
-    study.check_fits(options, cluster, concurrent)
-    settings = study.study_settings(name, storage_path, space, base, str(data.root.resolve()), data.count("train"),
+    concurrent = study.concurrency(options, base, cluster, trials)
+    study.check_fits(options, base, cluster, concurrent)
+    settings = study.study_settings(name, storage_path, base, str(data.root.resolve()), data.count("train"),
                                     options, concurrent, {**mlflow, "run_id": None})
     try:
         study.start(settings, space, base)
     except tracking.TrackingError as err:
         raise UserError(f"--tracking-uri: {err}") from None
     max_t = study.longest_trial(space, base, data.count("train"))
-    asha = (f"ASHA on {options.metric} (grace {min(options.grace_period or base.run.eval_every or 1, max_t)}, "
+    asha = (f"ASHA on {options.metric} (grace {study.grace_period(options, base.run.eval_every, max_t)}, "
             f"reduction {options.reduction_factor}, up to {max_t} iterations)" if options.scheduler == "asha"
             else "FIFO (every trial to its end)")
     click.echo(f"study '{name}': {trials} trial(s) of {space.path} ({', '.join(space.params)}) | {asha} | "

@@ -57,6 +57,9 @@ def _write(path: Path, text: str) -> Path:
      "the test split never selects a model"),
     ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["--metric", "probe_val_top1"], "use --scheduler fifo"),
     ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["-o", "run.eval_every=0"], "run.eval_every is 0"),
+    ("space:\n  run.eval_every: {choice: [2, 3]}\n", [], "run.eval_every cannot be searched"),
+    ("space:\n  model.embed_dim: {choice: [192, 96]}\n", ["-o", "model.num_heads=64"],
+     "choice value 96 does not fit this study's config"),
 ])
 def test_bad_space_or_options_are_one_line_errors(tmp_path, space, flags, expected):
     path = _write(tmp_path / "my-space.yaml", space)
@@ -84,15 +87,21 @@ def test_longest_trial_takes_the_ends_that_make_a_trial_longest():
     assert study.longest_trial(fixed, config_mod.resolve(overrides=fixed.fixed), 1000) == 12
 
 
-def test_concurrency_and_placement_on_small_and_gpu_clusters():
-    options = study.StudyOptions(workers_per_trial=1)
-    assert study.concurrency(options, {"CPU": 2.0}, 4) == 1
-    assert study.concurrency(options, {"CPU": 16.0}, 4) == 4  # capped by the trials
-    assert study.concurrency(options, {"CPU": 16.0}, 20) == 6  # (16 - 1) // (2 + 0.5)
-    assert study.concurrency(study.StudyOptions(workers_per_trial=2), {"CPU": 64.0, "GPU": 8.0}, 20) == 4
-    study.check_fits(options, {"CPU": 2.0}, 1)  # 0.5 driver + 0.5 worker + 1 for Ray Data
+def test_concurrency_and_placement_on_cpu_and_gpu_clusters():
+    base = config_mod.resolve()  # run.device auto
+    one, two = study.StudyOptions(workers_per_trial=1), study.StudyOptions(workers_per_trial=2)
+    assert study.concurrency(one, base, {"CPU": 2.0}, 4) == 1
+    assert study.concurrency(one, base, {"CPU": 16.0}, 4) == 4  # capped by the trials
+    assert study.concurrency(one, base, {"CPU": 16.0}, 20) == 4  # 16 // (2 CPUs + 0.5 driver + 1 Ray Data)
+    assert study.concurrency(study.StudyOptions(max_concurrent=8), base, {"CPU": 16.0}, 2) == 2
+    assert study.concurrency(two, base, {"CPU": 64.0, "GPU": 8.0}, 20) == 4  # a GPU a worker
+    study.check_fits(one, base, {"CPU": 2.0}, 1)  # 0.5 driver + 0.5 worker + 1 for Ray Data
     with pytest.raises(study.StudyError, match="need 3 CPUs"):
-        study.check_fits(study.StudyOptions(workers_per_trial=3), {"CPU": 2.0}, 1)
+        study.check_fits(study.StudyOptions(workers_per_trial=3), base, {"CPU": 2.0}, 1)
+    with pytest.raises(study.StudyError, match="and 2 GPUs; the cluster has 16 CPUs and 1 GPUs"):
+        study.check_fits(two, base, {"CPU": 16.0, "GPU": 1.0}, 1)  # one H100, two workers
+    cpu_only = config_mod.resolve(overrides={"run.device": "cpu"})  # GPUs present but not asked for
+    study.check_fits(two, cpu_only, {"CPU": 16.0, "GPU": 1.0}, 1)
 
 
 def test_best_trial_is_chosen_among_trials_that_ran_to_the_end():
@@ -109,37 +118,44 @@ def test_best_trial_is_chosen_among_trials_that_ran_to_the_end():
     assert study.trial_outcome("TERMINATED", 12, 12) == "finished"
 
 
+def test_grace_period_falls_on_an_evaluation():
+    assert study.grace_period(study.StudyOptions(), 25, 180) == 25
+    assert study.grace_period(study.StudyOptions(grace_period=30), 25, 180) == 50
+    assert study.grace_period(study.StudyOptions(grace_period=30), 25, 40) == 40
+
+
 # --- real studies ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    """cpu-smoke, 4 trials, ASHA on val_loss (val_top1 ties at chance after 12 iterations); SIGINT while
-    trial 00001 trains, then --resume."""
+    """cpu-smoke, 4 trials one at a time, ASHA on val_loss (val_top1 ties at chance after 12 iterations);
+    SIGINT while the first trial trains past its checkpoint at iteration 6, then --resume."""
     cwd = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{cwd / 'mlflow.db'}"
-    args = ["tune", "--space", "cpu-smoke", "--num-samples", "4", "--metric", "val_loss", "--name", "smoke",
-            "--tracking-uri", uri, "--experiment", "study"]
+    args = ["tune", "--space", "cpu-smoke", "--num-samples", "4", "--max-concurrent", "1", "--metric", "val_loss",
+            "--name", "smoke", "--tracking-uri", uri, "--experiment", "study"]
     proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first: list[str] = []
     deadline = time.monotonic() + 600
     for line in proc.stdout:
         first.append(line)
-        if line.startswith("trial 00001: iteration"):
+        if line.startswith("trial 00000: iteration 9/12"):
             proc.send_signal(signal.SIGINT)
             break
         assert time.monotonic() < deadline, "".join(first)
     out, err = proc.communicate(timeout=300)
-    interrupted = {"stdout": "".join(first) + out, "stderr": err, "rc": proc.returncode}
+    interrupted = {"stdout": "".join(first) + out, "stderr": err, "rc": proc.returncode,
+                   "statuses": {r.info.run_name: r.info.status for r in _runs(uri, "study")}}
     resumed = mlo_mae("tune", "--resume", "smoke", cwd=cwd)
     return {"cwd": cwd, "uri": uri, "interrupted": interrupted, "resumed": resumed,
             "folder": cwd / "ray_results" / "smoke"}
 
 
-def test_interrupted_study_says_how_to_resume(smoke_study):
+def test_interrupted_study_says_how_to_resume_and_leaves_no_run_running(smoke_study):
     first = smoke_study["interrupted"]
     assert first["rc"] == 130, first["stderr"][-2000:]
     assert "continue with 'mlo-mae tune --resume smoke'" in first["stderr"]
-    assert "trial 00000 finished at iteration 12/12" in first["stdout"]
+    assert first["statuses"] == {"smoke": "KILLED", "smoke-00000": "KILLED"}, first["statuses"]
 
 
 def test_resumed_study_finishes_with_asha_stopping_trials(smoke_study):
@@ -154,6 +170,16 @@ def test_resumed_study_finishes_with_asha_stopping_trials(smoke_study):
         assert (int(r["iteration"]) < 12) == (r["status"] == "stopped early")
     assert "stopped early" in resumed.stdout and "best: trial" in resumed.stdout
     assert "Configuration for experiment" not in resumed.stdout  # Tune's own banner stays out of the way
+    assert (smoke_study["folder"] / "asha-state.pkl").is_file()  # the rungs outlive the restore
+
+
+def test_interrupted_trial_went_on_from_its_checkpoint(smoke_study):
+    runs = {r.info.run_name: r for r in _runs(smoke_study["uri"], "study")}
+    history = mlflow.MlflowClient(smoke_study["uri"]).get_metric_history(runs["smoke-00000"].info.run_id,
+                                                                        "eval/val_loss")
+    steps = sorted(m.step for m in history)
+    # from the checkpoint at 6: 9 again, then 12; a restart from scratch would log step 0 twice
+    assert steps.count(0) == 1 and steps[-1] == 12 and {0, 3, 6, 9} <= set(steps), steps
 
 
 def test_study_is_one_parent_run_with_one_child_per_trial(smoke_study):
@@ -174,7 +200,7 @@ def test_study_is_one_parent_run_with_one_child_per_trial(smoke_study):
         assert child.data.tags[STOPPED_EARLY_TAG] == str(row["status"] == "stopped early").lower()
         assert float(child.data.params["mlo.mask_ratio"]) == pytest.approx(float(row["mlo.mask_ratio"]))
         history = client.get_metric_history(child.info.run_id, "eval/val_loss")
-        assert max(m.step for m in history) == int(row["iteration"])
+        assert max(m.step for m in history) >= int(row["iteration"])  # a stopped trial may log a little more
         artifacts = {f.path for f in client.list_artifacts(child.info.run_id)}
         assert "images" in artifacts  # the heatmaps of every evaluation (log_image)
         if row["status"] == "finished":  # the end of a run: evolution GIF, the encoder for timm
@@ -201,9 +227,30 @@ def test_best_config_is_accepted_by_pretrain_unchanged(smoke_study):
     assert loaded["run"]["max_steps"] == 12 and loaded["run"]["probe"] is False  # the space's fixed keys
 
 
-def test_failing_trials_are_reported_and_the_study_goes_on(tmp_path):
-    """An lr that diverges at once: each trial fails with the NaN line, the next one still runs;
-    with no trial finished the study fails (exit 1). Optuna samples."""
+def test_a_failing_trial_is_reported_and_the_next_one_picks_the_best_by_probe(tmp_path):
+    """A grid of an lr that diverges at once and a sane one, FIFO on the end-of-run probe: the first trial
+    fails with the NaN line, the second runs to its end and is the best."""
+    space = _write(tmp_path / "grid.yaml", "space:\n  optim.lr_mae: {grid: [1.0e+30, 3.0e-4]}\n"
+                   "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n"
+                   "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = mlo_mae("tune", "--space", str(space), "--num-samples", "1", "--scheduler", "fifo", "--metric",
+                     "probe_val_top1", "--name", "grid", "--tracking-uri", uri, "--experiment", "grid", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial 00000 failed: training stopped: non-finite" in result.stdout
+    with open(tmp_path / "ray_results" / "grid" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["failed", "finished"]
+    assert "non-finite" in rows[0]["error"] and 0.5 < float(rows[1]["probe_val_top1"]) <= 1.0
+    best = yaml.safe_load((tmp_path / "ray_results" / "grid" / "best-config.yaml").read_text())
+    assert best["optim"]["lr_mae"] == pytest.approx(3e-4)
+    statuses = {r.info.run_name: r.info.status for r in _runs(uri, "grid")}
+    assert statuses == {"grid": "FINISHED", "grid-00000": "FAILED", "grid-00001": "FINISHED"}
+
+
+def test_optuna_study_whose_trials_all_fail_ends_failed(tmp_path):
+    """Optuna samples an lr that diverges at once: each trial fails with the NaN line, the next one still
+    runs; with no trial finished the study fails (exit 1)."""
     space = _write(tmp_path / "diverge.yaml", "space:\n  optim.lr_mae: {loguniform: [1.0e+29, 1.0e+30]}\n"
                    "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n  run.probe: false\n"
                    "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")

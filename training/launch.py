@@ -91,20 +91,31 @@ def last_error_line(err: BaseException | str) -> str:
     return (found[-1] if found else " ".join(str(err).split()))[:300]
 
 
-def resources(cfg: config_mod.Config, launch: Launch) -> tuple[bool, dict[str, float]]:
-    """(use_gpu, resources per worker) for this cluster."""
-    import ray
+DATA_CPUS = 1.0  # left free per concurrent run for Ray Data's read and decode tasks (each takes a whole CPU)
 
-    cluster = ray.cluster_resources()
+
+def worker_resources(cfg: config_mod.Config, launch: Launch, cluster: dict[str, float]) -> dict[str, float]:
+    """What Ray reserves for each worker of a run on ``cluster`` (``ray.cluster_resources()``).
+
+    CPU training: the workers of the ``launch.concurrent`` runs share the CPUs but one per run, which
+    Ray Data needs (without it a small machine deadlocks), and but ``launch.reserved_cpus``.
+    GPU training: a GPU and a CPU a worker; the other CPUs decode.
+    """
     gpus = launch.gpus_per_worker
     if gpus is None:
         wants_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and cluster.get("GPU", 0) > 0)
         gpus = 1.0 if wants_cuda else 0.0
-    # CPU training: the workers share the CPUs but one, which Ray Data's read and decode tasks need
-    # (without it a small machine deadlocks). GPU training: one CPU a worker, the rest decode.
-    free = cluster.get("CPU", 1) - 1 - launch.reserved_cpus
+    free = cluster.get("CPU", 1) - DATA_CPUS * launch.concurrent - launch.reserved_cpus
     cpus = launch.cpus_per_worker or (1.0 if gpus > 0 else max(0.5, free / (launch.workers * launch.concurrent)))
-    return gpus > 0, {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+
+
+def resources(cfg: config_mod.Config, launch: Launch) -> tuple[bool, dict[str, float]]:
+    """(use_gpu, resources per worker) for the cluster Ray is connected to."""
+    import ray
+
+    per_worker = worker_resources(cfg, launch, ray.cluster_resources())
+    return "GPU" in per_worker, per_worker
 
 
 def warn_local_store(uri: str, warn: Callable[[str], None]) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from mlo_mae import config as config_mod
 from tune_spaces.space import SearchSpace
 
 from . import tracking
-from .launch import last_error_line
+from .launch import DATA_CPUS, Launch, last_error_line, worker_resources
 from .storage import filesystem, read_run, storage_uri
 from .trial import STOPPED_EARLY_TAG, STUDY_TAG, TRIAL_CPUS, trial_config, trial_number
 from .worker import total_iterations
@@ -39,6 +40,7 @@ STUDY_FILE = "mlo-mae-study.yaml"
 SPACE_COPY = "space.yaml"
 BEST_CONFIG = "best-config.yaml"
 BEST_TRIAL_TAG = "mlo_mae.best_run"
+ASHA_STATE = "asha-state.pkl"
 # What a trial reports while it trains (ASHA can compare trials on it) or only at its end.
 METRICS = {"val_top1": "max", "val_loss": "min"}
 FINAL_METRICS = {"probe_val_top1": "max"}
@@ -81,7 +83,11 @@ def check_options(options: StudyOptions, space: SearchSpace, base: config_mod.Co
                              "trials on it; use --scheduler fifo")
         if not base.run.probe and "run.probe" not in space.params:
             raise StudyError(f"--metric {options.metric} needs the end-of-run probe, which run.probe=false turns off")
-    if options.scheduler == "asha" and base.run.eval_every <= 0 and "run.eval_every" not in space.params:
+    if options.scheduler == "asha" and "run.eval_every" in space.params:
+        raise StudyError("--scheduler asha compares trials at the same iterations, so run.eval_every cannot be "
+                         "searched (trials would be compared on evaluations of different ages); fix it or use "
+                         "--scheduler fifo")
+    if options.scheduler == "asha" and base.run.eval_every <= 0:
         raise StudyError("--scheduler asha compares trials on evaluations during training, and run.eval_every is 0; "
                          "set it (e.g. -o run.eval_every=25) or use --scheduler fifo")
     if options.search == "optuna":
@@ -97,9 +103,8 @@ def check_options(options: StudyOptions, space: SearchSpace, base: config_mod.Co
 
 def longest_trial(space: SearchSpace, base: config_mod.Config, train_rows: int) -> int:
     """The most iterations any trial of the space can run (ASHA's max_t): the longest of the configs
-    made of the ends of every searched key that sets a trial's length."""
-    ends = {key: [a for a in space.params[key].args if a is not None] or [None]
-            for key in LENGTH_KEYS if key in space.params}
+    made of the ends (or choices) of every searched key that sets a trial's length."""
+    ends = {key: list(space.params[key].args) for key in LENGTH_KEYS if key in space.params}
     totals = [total_iterations(config_mod.with_overrides(base, dict(zip(ends, combo))), train_rows)
               for combo in itertools.product(*ends.values())]
     return max(totals)
@@ -111,29 +116,51 @@ def largest_batches(space: SearchSpace, base: config_mod.Config) -> config_mod.C
     return config_mod.with_overrides(base, largest)
 
 
-def concurrency(options: StudyOptions, cluster: dict[str, float], trials: int) -> int:
-    """Trials at once: ``--max-concurrent``, else what the cluster fits (a GPU a worker on GPUs; on CPUs
-    two CPUs a worker, with one CPU left for Ray Data), at most the number of trials."""
+def _launch(options: StudyOptions, concurrent: int) -> Launch:
+    return Launch(name="trial", workers=options.workers_per_trial, cpus_per_worker=options.cpus_per_worker,
+                  gpus_per_worker=options.gpus_per_worker, concurrent=concurrent,
+                  reserved_cpus=TRIAL_CPUS * concurrent)
+
+
+def concurrency(options: StudyOptions, base: config_mod.Config, cluster: dict[str, float], trials: int) -> int:
+    """Trials at once: ``--max-concurrent``, else what the cluster fits (trials on GPUs: their workers'
+    GPUs; on CPUs: two CPUs a worker plus the trial's driver and a CPU for its Ray Data), at most the trials."""
     if options.max_concurrent:
-        return options.max_concurrent
+        return min(options.max_concurrent, trials)
     workers = options.workers_per_trial
-    if cluster.get("GPU", 0) > 0:
-        fits = cluster["GPU"] // (workers * (options.gpus_per_worker or 1.0))
+    per_worker = worker_resources(base, _launch(options, 1), cluster)
+    if per_worker.get("GPU"):
+        fits = cluster.get("GPU", 0) // (workers * per_worker["GPU"])
     else:
-        fits = (cluster.get("CPU", 1) - 1) // (2 * workers + TRIAL_CPUS)
+        fits = cluster.get("CPU", 1) // (2 * workers + TRIAL_CPUS + DATA_CPUS)
     return int(max(1, min(fits, trials)))
 
 
-def check_fits(options: StudyOptions, cluster: dict[str, float], concurrent: int) -> None:
+def check_fits(options: StudyOptions, base: config_mod.Config, cluster: dict[str, float], concurrent: int) -> None:
     """A study whose trials cannot all be placed would wait forever: say so instead."""
-    cpus = cluster.get("CPU", 1)
-    per_worker = options.cpus_per_worker or max(0.5, (cpus - 1 - TRIAL_CPUS * concurrent)
-                                                / (options.workers_per_trial * concurrent))
-    needed = concurrent * (TRIAL_CPUS + options.workers_per_trial * per_worker) + 1  # + 1: Ray Data
-    if cluster.get("GPU", 0) == 0 and needed > cpus:
-        raise StudyError(f"{concurrent} trial(s) at once with {options.workers_per_trial} worker(s) each need "
-                         f"{needed:g} CPUs (each worker {per_worker:g}, each trial's driver {TRIAL_CPUS:g}, Ray Data "
-                         f"1), the cluster has {cpus:g}: lower --max-concurrent or --workers-per-trial")
+    per_worker = worker_resources(base, _launch(options, concurrent), cluster)
+    workers = options.workers_per_trial
+    cpus = concurrent * (TRIAL_CPUS + workers * per_worker["CPU"] + DATA_CPUS)
+    gpus = concurrent * workers * per_worker.get("GPU", 0.0)
+    if cpus > cluster.get("CPU", 0) or gpus > cluster.get("GPU", 0):
+        raise StudyError(
+            f"{concurrent} trial(s) at once with {workers} worker(s) each need {cpus:g} CPUs (each worker "
+            f"{per_worker['CPU']:g}, each trial's driver {TRIAL_CPUS:g}, its Ray Data {DATA_CPUS:g})"
+            + (f" and {gpus:g} GPUs" if gpus else "") + f"; the cluster has {cluster.get('CPU', 0):g} CPUs"
+            + (f" and {cluster.get('GPU', 0):g} GPUs" if gpus else "")
+            + ": lower --max-concurrent or --workers-per-trial")
+
+
+def check_space_on(space: SearchSpace, base: config_mod.Config) -> None:
+    """Every bound and choice of the space must make a valid config on this study's base (the space file
+    was checked on the defaults; ``-o model.embed_dim=...`` can still make a value invalid)."""
+    for key, p in space.params.items():
+        for value in p.args:
+            try:
+                config_mod.with_overrides(base, {key: value})
+            except config_mod.ConfigError as err:
+                raise StudyError(f"{space.path}: '{key}': {p.kind} value {value!r} does not fit this study's "
+                                 f"config: {err}") from None
 
 
 def describe(space: SearchSpace) -> dict[str, str]:
@@ -174,7 +201,8 @@ class StudyMonitor(ray.tune.Callback):
     """Progress lines for the user, and the MLflow side of what Tune decides: the runs of trials that
     a scheduler stopped (their process was ended, not finished) and the study's best value so far.
 
-    Pickled with the Tuner and restored with it, so it keeps no state of its own.
+    Pickled with the Tuner and restored with it, so it keeps no state beyond the placement groups it
+    is about to remove.
     """
 
     def __init__(self, settings: dict[str, Any], echo: Callable[[str], None]) -> None:
@@ -204,13 +232,38 @@ class StudyMonitor(ray.tune.Callback):
         value = f"{metric} {last[metric]:.4f}" if metric in last else f"no {metric}"
         self.echo(f"trial {trial_number(trial.trial_id)} {outcome} at iteration {last.get('iteration')}/{total}: "
                   f"{value}")
+        if outcome == "stopped early":
+            self._release_later(trial)
         self._close(trial, "FINISHED", {STOPPED_EARLY_TAG: str(outcome == "stopped early").lower()})
-        self._log_best(trials)
+        self._log_best(trials, trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.echo(f"trial {trial_number(trial.trial_id)} failed: {trial_error(trial)}")
         self._close(trial, "FAILED", {})
-        self._log_best(trials)
+        self._log_best(trials, trial, "ERROR")
+
+    RELEASE_AFTER_S = 15.0  # Tune has ended the trial's process by then; earlier, Train would restart its workers
+
+    def _release_later(self, trial) -> None:
+        """A stopped trial's workers keep their placement group: Tune kills the trial's process, and Ray
+        Train's cleaner, which should then remove the group, asks the dashboard's state API whether the
+        controller is alive; without a dashboard (``ray[default]``) the group would hold its CPUs for good.
+        So the study removes it, once the trial's process is gone."""
+        group_id = (trial.last_result or {}).get("placement_group")
+        if group_id:
+            self.__dict__.setdefault("_to_release", []).append((time.monotonic() + self.RELEASE_AFTER_S, group_id))
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        from ray.util.placement_group import PlacementGroup, placement_group_table
+
+        due = [g for t, g in self.__dict__.get("_to_release", []) if t <= time.monotonic()]
+        if not due:
+            return
+        self._to_release = [(t, g) for t, g in self._to_release if g not in due]
+        table = placement_group_table()
+        for group_id in due:
+            if table.get(group_id, {}).get("state") == "CREATED":
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
     def _close(self, trial, status: str, tags: dict[str, str]) -> None:
         """End the trial's MLflow run as Tune ended the trial (the trial never ends it itself)."""
@@ -226,12 +279,14 @@ class StudyMonitor(ray.tune.Callback):
 
         self._guarded("ending a trial's run", close)
 
-    def _log_best(self, trials: list) -> None:
-        """``best/METRIC`` over the trials that ran to the end (as ``best_row`` picks), by trials done."""
+    def _log_best(self, trials: list, ended, status: str) -> None:
+        """``best/METRIC`` over the trials that ran to the end (as ``best_row`` picks), by trials done.
+        Tune calls back before it marks ``ended`` as ended, hence its ``status`` here."""
         metric = self.settings["options"]["metric"]
-        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        statuses = {t.trial_id: status if t is ended else t.status for t in trials}
+        done = [t for t in trials if statuses[t.trial_id] in ("TERMINATED", "ERROR")]
         values = [t.last_result[metric] for t in done if metric in (t.last_result or {}) and trial_outcome(
-            t.status, t.last_result.get("iteration"), self._total(t)) == "finished"]
+            statuses[t.trial_id], t.last_result.get("iteration"), self._total(t)) == "finished"]
         if values:
             best = (max if metric_mode(metric) == "max" else min)(values)
             uri, parent = self.settings["mlflow"]["uri"], self.settings["mlflow"]["run_id"]
@@ -345,15 +400,23 @@ def quiet_tune() -> None:
         pass
 
 
-def build_scheduler(options: StudyOptions, max_t: int, eval_every: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def grace_period(options: StudyOptions, eval_every: int, max_t: int) -> int:
+    """``--grace-period`` (default one evaluation interval) rounded up to an evaluation, so that every
+    rung compares fresh evaluations; at most max_t."""
+    grace = options.grace_period or eval_every
+    return min(math.ceil(grace / eval_every) * eval_every, max_t)
+
+
+def build_scheduler(options: StudyOptions, max_t: int, eval_every: int, state_uri: str):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .asha import KeptASHA
 
     if options.scheduler == "fifo":
         return FIFOScheduler()
-    grace = min(options.grace_period or eval_every or 1, max_t)
     # stop_last_trials=False: a trial that reaches max_t still ends by itself (final checkpoint, probe)
-    return ASHAScheduler(time_attr="iteration", max_t=max_t, grace_period=grace,
-                         reduction_factor=options.reduction_factor, stop_last_trials=False)
+    return KeptASHA(state_uri, time_attr="iteration", max_t=max_t, grace_period=grace_period(options, eval_every, max_t),
+                    reduction_factor=options.reduction_factor, stop_last_trials=False)
 
 
 def build_search(options: StudyOptions, concurrent: int):
@@ -372,11 +435,12 @@ def trainable(settings: dict[str, Any]):
     """The trial function with the study's settings bound and the resources each trial's driver holds."""
     from .trial import run_trial
 
-    trial_settings = {k: settings[k] for k in ("name", "base", "dataset", "trials_path", "parent_run_id")}
+    trial_settings = {k: settings[k] for k in ("name", "base", "dataset", "trials_path")}
     options = settings["options"]
     trial_settings.update(workers=options["workers_per_trial"], cpus_per_worker=options["cpus_per_worker"],
                           gpus_per_worker=options["gpus_per_worker"], concurrent=settings["concurrent"],
-                          tracking_uri=settings["mlflow"]["uri"], experiment=settings["mlflow"]["experiment"])
+                          tracking_uri=settings["mlflow"]["uri"], experiment=settings["mlflow"]["experiment"],
+                          parent_run_id=settings["mlflow"]["run_id"])
     return ray.tune.with_resources(ray.tune.with_parameters(run_trial, study=trial_settings), {"CPU": TRIAL_CPUS})
 
 
@@ -389,7 +453,8 @@ def new_tuner(space: SearchSpace, settings: dict[str, Any], max_t: int, echo: Ca
         tune_config=ray.tune.TuneConfig(
             metric=options.metric, mode=metric_mode(options.metric), num_samples=options.num_samples,
             search_alg=build_search(options, settings["concurrent"]),
-            scheduler=build_scheduler(options, max_t, base.run.eval_every),
+            scheduler=build_scheduler(options, max_t, base.run.eval_every,
+                                      f"{settings['storage']}/{settings['name']}/{ASHA_STATE}"),
             trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(
             name=settings["name"], storage_path=settings["storage"], verbose=0,
@@ -398,12 +463,9 @@ def new_tuner(space: SearchSpace, settings: dict[str, Any], max_t: int, echo: Ca
     )
 
 
-def restore_tuner(settings: dict[str, Any]):
-    path = f"{settings['storage']}/{settings['name']}"
-    if not ray.tune.Tuner.can_restore(path):
-        raise StudyError(f"--resume: '{path}' has no Tune state to continue (the study stopped before its first "
-                         "trial was recorded); start it again")
-    return ray.tune.Tuner.restore(path, trainable(settings), resume_unfinished=True, resume_errored=False)
+def has_state(folder: str) -> bool:
+    """Whether Tune saved the study's state (it does once the study has started)."""
+    return ray.tune.Tuner.can_restore(folder)
 
 
 class StudyInterrupted(RuntimeError):
@@ -438,13 +500,12 @@ def fit(tuner, expected_trials: int, path: str) -> None:
         raise StudyInterrupted(signal.SIGTERM if terminated else signal.SIGINT)
 
 
-def study_settings(name: str, storage: str, space: SearchSpace, base: config_mod.Config, dataset: str,
+def study_settings(name: str, storage: str, base: config_mod.Config, dataset: str,
                    train_rows: int, options: StudyOptions, concurrent: int, mlflow: dict[str, str]) -> dict[str, Any]:
     """What the study saves in ``mlo-mae-study.yaml``: all that ``--resume`` and the trials need."""
     return {"name": name, "storage": storage_uri(storage), "base": base.to_dict(), "dataset": dataset,
-            "train_rows": train_rows, "space_file": str(space.path), "options": asdict(options),
-            "concurrent": concurrent, "trials_path": f"{storage_uri(storage)}/{name}/trials",
-            "mlflow": mlflow, "parent_run_id": mlflow["run_id"]}
+            "train_rows": train_rows, "options": asdict(options), "concurrent": concurrent,
+            "trials_path": f"{storage_uri(storage)}/{name}/trials", "mlflow": mlflow}
 
 
 def expected_trials(settings: dict[str, Any], space: SearchSpace) -> int:
@@ -461,14 +522,15 @@ def start(settings: dict[str, Any], space: SearchSpace, base: config_mod.Config)
               "tune.concurrent": settings["concurrent"], "tune.trials": expected_trials(settings, space)}
     run_id = tracking.start_run(mlflow["uri"], mlflow["experiment"], settings["name"], "tune", base, params,
                                 {STUDY_TAG: settings["name"]})
-    settings["mlflow"]["run_id"] = settings["parent_run_id"] = run_id
+    settings["mlflow"]["run_id"] = run_id
     folder = f"{settings['storage']}/{settings['name']}"
     fs, root = filesystem(folder)
     fs.create_dir(root, recursive=True)
     text = space.path.read_text()
     write_text(folder, SPACE_COPY, text)
     write_text(folder, STUDY_FILE, yaml.safe_dump(settings, sort_keys=False))
-    tracking.client(mlflow["uri"]).log_text(run_id, text, SPACE_COPY)
+    tracking.call("recording the space", mlflow["uri"], lambda: tracking.client(mlflow["uri"]).log_text(
+        run_id, text, SPACE_COPY))
     return run_id
 
 
@@ -490,27 +552,45 @@ class StudyOutcome:
 
 
 def run(settings: dict[str, Any], space: SearchSpace, echo: Callable[[str], None], resume: bool = False) -> StudyOutcome:
-    """Run (or continue) the study to its end and record the outcome; ``StudyInterrupted`` on Ctrl-C/SIGTERM."""
+    """Run (or continue) the study to its end and record the outcome. ``StudyInterrupted`` on Ctrl-C or
+    SIGTERM, ``StudyError`` (one line) on anything else; either way no MLflow run is left RUNNING."""
     folder = f"{settings['storage']}/{settings['name']}"
     uri, parent = settings["mlflow"]["uri"], settings["mlflow"]["run_id"]
     quiet_tune()
-    if resume:
-        tracking.reopen_run(uri, parent)
-        tuner = restore_tuner(settings)
-    else:
+    if settings["options"]["metric"] in FINAL_METRICS:  # in the last report only; Tune would reject the others
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if resume and has_state(folder):  # finished trials stay, interrupted ones go on, the rest start
+        tuner = ray.tune.Tuner.restore(folder, trainable(settings), resume_unfinished=True, resume_errored=False)
+    else:  # a new study, or one stopped before Tune saved anything: start it (again)
         base = config_mod.from_dict(settings["base"])
         tuner = new_tuner(space, settings, longest_trial(space, base, settings["train_rows"]), echo)
+    if resume:
+        tracking.reopen_run(uri, parent)
     try:
         fit(tuner, expected_trials(settings, space), folder)
+        return conclude(settings, folder)
     except StudyInterrupted:
-        ended = {"finished": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED"}
-        client = tracking.client(uri)
-        for row in results(folder, settings):  # no run stays RUNNING; --resume reopens the interrupted ones
-            if row.run_id and client.get_run(row.run_id).info.status == "RUNNING":
-                tracking.end_run(uri, row.run_id, ended.get(row.status, "KILLED"), echo)
-        tracking.end_run(uri, parent, "KILLED", echo)
+        end_runs(settings, folder, "KILLED", echo)
         raise
-    return conclude(settings, folder)
+    except Exception as err:  # a Tune or MLflow failure: one line, and the runs end FAILED
+        end_runs(settings, folder, "FAILED", echo)
+        raise StudyError(f"the study failed: {last_error_line(err)}") from None
+
+
+def end_runs(settings: dict[str, Any], folder: str, status: str, echo: Callable[[str], None]) -> None:
+    """End the parent run with ``status`` and every trial's run still RUNNING as its trial ended (or
+    ``status`` for trials that had not); ``--resume`` reopens them."""
+    uri = settings["mlflow"]["uri"]
+    ended = {"finished": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED"}
+    try:
+        rows = results(folder, settings) if has_state(folder) else []
+        client = tracking.client(uri)
+        for row in rows:
+            if row.run_id and client.get_run(row.run_id).info.status == "RUNNING":
+                tracking.end_run(uri, row.run_id, ended.get(row.status, status), echo)
+    except Exception as err:  # noqa: BLE001 - still end the parent
+        echo(f"warning: could not end the trials' MLflow runs: {last_error_line(err)}")
+    tracking.end_run(uri, settings["mlflow"]["run_id"], status, echo)
 
 
 def conclude(settings: dict[str, Any], folder: str) -> StudyOutcome:
@@ -519,18 +599,23 @@ def conclude(settings: dict[str, Any], folder: str) -> StudyOutcome:
     rows = results(folder, settings)
     best = best_row(rows, metric)
     uri, parent = settings["mlflow"]["uri"], settings["mlflow"]["run_id"]
-    client = tracking.client(uri)
     table_csv = results_csv(rows, metric)
     write_text(folder, "results.csv", table_csv)
-    client.log_text(parent, table_csv, "results.csv")
-    if best is not None:
-        text = best_config_yaml(best, settings)
-        write_text(folder, BEST_CONFIG, text)
-        client.log_text(parent, text, BEST_CONFIG)
-        client.log_metric(parent, f"best/{metric}", best.metric, step=len(rows))
-        client.set_tag(parent, BEST_TRIAL_TAG, best.run_id or best.trial_id)
-    for key, count in (("finished", "trials/finished"), ("stopped early", "trials/stopped_early"),
-                       ("failed", "trials/failed")):
-        client.log_metric(parent, count, sum(r.status == key for r in rows))
+    best_text = best_config_yaml(best, settings) if best is not None else None
+    if best_text is not None:
+        write_text(folder, BEST_CONFIG, best_text)
+
+    def record() -> None:
+        client = tracking.client(uri)
+        client.log_text(parent, table_csv, "results.csv")
+        if best is not None:
+            client.log_text(parent, best_text, BEST_CONFIG)
+            client.log_metric(parent, f"best/{metric}", best.metric, step=len(rows))
+            client.set_tag(parent, BEST_TRIAL_TAG, best.run_id or best.trial_id)
+        for key, count in (("finished", "trials/finished"), ("stopped early", "trials/stopped_early"),
+                           ("failed", "trials/failed")):
+            client.log_metric(parent, count, sum(r.status == key for r in rows))
+
+    tracking.call("recording the study's results", uri, record)
     tracking.end_run(uri, parent, "FINISHED" if best is not None else "FAILED")
     return StudyOutcome(rows, best, folder)

@@ -109,7 +109,7 @@ def standard_tags(kind: str, cfg) -> dict[str, str]:
     return tags
 
 
-def _call(what: str, uri: str, action: Callable[[], Any]) -> Any:
+def call(what: str, uri: str, action: Callable[[], Any]) -> Any:
     """Run an MLflow call; a failure becomes one line naming the store."""
     from mlflow.exceptions import MlflowException
 
@@ -139,13 +139,13 @@ def start_run(uri: str, experiment: str, name: str, kind: str, cfg, params: Mapp
         mlflow_client.log_text(run.info.run_id, cfg.to_yaml(), "config.yaml")
         return run.info.run_id
 
-    return _call("creating a run", uri, create)
+    return call("creating a run", uri, create)
 
 
 def end_run(uri: str, run_id: str, status: str, warn: Callable[[str], None] | None = None) -> None:
     """FINISHED, FAILED or KILLED. With ``warn``, a failure is a warning: the work itself is done."""
     try:
-        _call("ending the run", uri, lambda: client(uri).set_terminated(run_id, status))
+        call("ending the run", uri, lambda: client(uri).set_terminated(run_id, status))
     except TrackingError as err:
         if warn is None:
             raise
@@ -154,7 +154,7 @@ def end_run(uri: str, run_id: str, status: str, warn: Callable[[str], None] | No
 
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark a resumed run as running again."""
-    _call("reopening the run", uri, lambda: client(uri).update_run(run_id, status="RUNNING"))
+    call("reopening the run", uri, lambda: client(uri).update_run(run_id, status="RUNNING"))
 
 
 class RunLogger:
@@ -217,4 +217,4 @@ def record_checkpoint(uri: str, run_id: str, checkpoint: str, run_dir: str, name
                    "evaluate": f"mlo-mae probe {run_id} | mlo-mae finetune {run_id}"}
         mlflow_client.log_text(run_id, json.dumps(pointer, indent=2) + "\n", "checkpoint.json")
 
-    _call("recording the checkpoint", uri, record)
+    call("recording the checkpoint", uri, record)

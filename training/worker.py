@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import ray.train
+import ray.util
 import torch
 
 from mlo_mae import config as config_mod
@@ -150,9 +151,14 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
     first_step = engine.iteration + 1
     saved = {"iteration": engine.iteration if restored is not None else None}
 
+    group = ray.util.get_current_placement_group()
+    placement = {"placement_group": group.id.hex()} if group is not None and rank == 0 else {}
+
     def reported(metrics: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0's reports carry the last evaluation, so that a Tune scheduler sees its metric in every one."""
-        return {"iteration": engine.iteration, **(recorder.latest() if recorder is not None else {}), **metrics}
+        """Rank 0's reports carry the last evaluation, so that a Tune scheduler sees its metric in every one,
+        and the workers' placement group, which a study removes if Tune stops the trial (see training.study)."""
+        return {"iteration": engine.iteration, **(recorder.latest() if recorder is not None else {}), **placement,
+                **metrics}
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Every rank reports at the same steps; rank 0 attaches the checkpoint (Ray Train's protocol)."""
