@@ -269,13 +269,12 @@ def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurre
 def _study_cluster(address: str | None) -> dict[str, float]:
     import ray
 
-    from training.launch import TrainingError, init_ray, last_error_line
+    from training.launch import TrainingError, connect
 
     try:
-        init_ray(address)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise click.ClickException(str(TrainingError(f"cannot start or reach Ray ({address or 'local'}): "
-                                                     f"{last_error_line(err)}"))) from None
+        connect(address)
+    except TrainingError as err:
+        raise click.ClickException(str(err)) from None
     return ray.cluster_resources()
 
 

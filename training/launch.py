@@ -84,6 +84,14 @@ def init_ray(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR", include_dashboard=False)
 
 
+def connect(address: str | None) -> None:
+    """``init_ray``, with a failure as one ``TrainingError`` line."""
+    try:
+        init_ray(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise TrainingError(f"cannot start or reach Ray ({address or 'local'}): {last_error_line(err)}") from None
+
+
 def last_error_line(err: BaseException | str) -> str:
     """The innermost 'SomeError: message' line of a worker's traceback, else the exception itself."""
     lines = [ln.strip() for ln in str(err).splitlines()]
@@ -167,10 +175,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
 
     from .worker import train_loop_per_worker
 
-    try:
-        init_ray(launch.address)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise TrainingError(f"cannot start or reach Ray ({launch.address or 'local'}): {last_error_line(err)}") from None
+    connect(launch.address)
     if tracking:
         warn_local_store(tracking["uri"], lambda text: print(text, file=sys.stderr))
     use_gpu, per_worker = resources(cfg, launch)

@@ -25,18 +25,18 @@ def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
 
 
-def read_run(storage_path: str, name: str) -> dict[str, Any] | None:
-    """The saved settings of run ``name``, or None if there is no such run."""
+def read_run(storage_path: str, name: str, file: str = RUN_FILE) -> dict[str, Any] | None:
+    """The saved settings of run (or study) ``name``, or None if there is no such run."""
     fs, root = filesystem(storage_uri(storage_path))
-    path = f"{root}/{name}/{RUN_FILE}"
+    path = f"{root}/{name}/{file}"
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(path) as handle:
         return yaml.safe_load(handle.read().decode())
 
 
-def write_run(storage_path: str, name: str, settings: dict[str, Any]) -> None:
+def write_run(storage_path: str, name: str, settings: dict[str, Any], file: str = RUN_FILE) -> None:
     fs, root = filesystem(storage_uri(storage_path))
     fs.create_dir(f"{root}/{name}", recursive=True)
-    with fs.open_output_stream(f"{root}/{name}/{RUN_FILE}") as handle:
+    with fs.open_output_stream(f"{root}/{name}/{file}") as handle:
         handle.write(yaml.safe_dump(settings, sort_keys=False).encode())

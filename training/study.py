@@ -24,15 +24,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.fs
 import ray.tune
 
 from mlo_mae import config as config_mod
-from tune_spaces.space import SearchSpace
+from tune_spaces.space import SearchSpace, SpaceError, check_values
 
 from . import tracking
 from .launch import DATA_CPUS, Launch, last_error_line, worker_resources
-from .storage import filesystem, read_run, storage_uri
+from .storage import filesystem, read_run, storage_uri, write_run
 from .trial import STOPPED_EARLY_TAG, STUDY_TAG, TRIAL_CPUS, trial_config, trial_number
 from .worker import total_iterations
 
@@ -154,13 +153,10 @@ def check_fits(options: StudyOptions, base: config_mod.Config, cluster: dict[str
 def check_space_on(space: SearchSpace, base: config_mod.Config) -> None:
     """Every bound and choice of the space must make a valid config on this study's base (the space file
     was checked on the defaults; ``-o model.embed_dim=...`` can still make a value invalid)."""
-    for key, p in space.params.items():
-        for value in p.args:
-            try:
-                config_mod.with_overrides(base, {key: value})
-            except config_mod.ConfigError as err:
-                raise StudyError(f"{space.path}: '{key}': {p.kind} value {value!r} does not fit this study's "
-                                 f"config: {err}") from None
+    try:
+        check_values(space, base, f"{space.path}: ", "does not fit this study's config")
+    except SpaceError as err:
+        raise StudyError(str(err)) from None
 
 
 def describe(space: SearchSpace) -> dict[str, str]:
@@ -373,11 +369,10 @@ def best_config_yaml(row: TrialRow, settings: dict[str, Any]) -> str:
     return head + cfg.to_yaml()
 
 
-def write_text(folder: str, name: str, text: str) -> str:
+def write_text(folder: str, name: str, text: str) -> None:
     fs, root = filesystem(folder)
     with fs.open_output_stream(f"{root}/{name}") as handle:
         handle.write(text.encode())
-    return f"{folder}/{name}"
 
 
 class _DropReported(logging.Filter):
@@ -515,33 +510,22 @@ def expected_trials(settings: dict[str, Any], space: SearchSpace) -> int:
 
 def start(settings: dict[str, Any], space: SearchSpace, base: config_mod.Config) -> str:
     """The study's MLflow parent run and its folder with the settings; returns the parent's run id."""
-    import yaml
-
     mlflow, options = settings["mlflow"], settings["options"]
     params = {**describe(space), **{f"tune.{k}": v for k, v in options.items()},
               "tune.concurrent": settings["concurrent"], "tune.trials": expected_trials(settings, space)}
     run_id = tracking.start_run(mlflow["uri"], mlflow["experiment"], settings["name"], "tune", base, params,
                                 {STUDY_TAG: settings["name"]})
     settings["mlflow"]["run_id"] = run_id
-    folder = f"{settings['storage']}/{settings['name']}"
-    fs, root = filesystem(folder)
-    fs.create_dir(root, recursive=True)
+    write_run(settings["storage"], settings["name"], settings, STUDY_FILE)
     text = space.path.read_text()
-    write_text(folder, SPACE_COPY, text)
-    write_text(folder, STUDY_FILE, yaml.safe_dump(settings, sort_keys=False))
+    write_text(f"{settings['storage']}/{settings['name']}", SPACE_COPY, text)
     tracking.call("recording the space", mlflow["uri"], lambda: tracking.client(mlflow["uri"]).log_text(
         run_id, text, SPACE_COPY))
     return run_id
 
 
 def read_settings(storage: str, name: str) -> dict[str, Any] | None:
-    import yaml
-
-    fs, root = filesystem(f"{storage_uri(storage)}/{name}")
-    if fs.get_file_info(f"{root}/{STUDY_FILE}").type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(f"{root}/{STUDY_FILE}") as handle:
-        return yaml.safe_load(handle.read().decode())
+    return read_run(storage, name, STUDY_FILE)
 
 
 @dataclass

@@ -153,18 +153,23 @@ def _param(key: str, spec: Any, where: str, types: dict[str, Any]) -> Param:
     return Param(key, kind, tuple(values))
 
 
-def _check_values(space: SearchSpace, where: str) -> None:
-    """Every bound and every choice must make a valid config (with the fixed keys)."""
-    try:
-        config_mod.resolve(overrides=space.fixed)
-    except ConfigError as err:
-        raise SpaceError(f"{where}fixed: {err}") from None
+def check_values(space: SearchSpace, base: config_mod.Config, where: str, problem: str = "is not allowed") -> None:
+    """Every bound and every choice must make a valid config on ``base``."""
     for key, p in space.params.items():
         for value in p.args:
             try:
-                config_mod.resolve(overrides={**space.fixed, key: value})
+                config_mod.with_overrides(base, {key: value})
             except ConfigError as err:
-                raise SpaceError(f"{where}'{key}': {p.kind} value {value!r} is not allowed: {err}") from None
+                raise SpaceError(f"{where}'{key}': {p.kind} value {value!r} {problem}: {err}") from None
+
+
+def _check_values(space: SearchSpace, where: str) -> None:
+    """Checked on the defaults with the fixed keys (the study checks them again on its own base config)."""
+    try:
+        base = config_mod.resolve(overrides=space.fixed)
+    except ConfigError as err:
+        raise SpaceError(f"{where}fixed: {err}") from None
+    check_values(space, base, where)
 
 
 def load_space(name: str | Path) -> SearchSpace:
