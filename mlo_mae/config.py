@@ -38,6 +38,10 @@ class ModelConfig:
     decoder_depth: int = 2
     decoder_num_heads: int = 4
     mask_hidden_dim: int = 512
+    # T: patch (one small scorer shared by every patch, logits relative within the image) | mlp (the
+    # paper's, over the whole flattened image; its masks were measured to collapse to one spatial pattern)
+    mask_net: str = "patch"
+    mask_centre: bool = False  # mlp only: centre T's input per position and channel by a running mean
     drop_path: float = 0.0
     head_drop: float = 0.0
 
@@ -50,8 +54,11 @@ class MLOConfig:
     mask_ratio: float = 0.75
     hypergradient: str = "fd"  # fd: one central finite difference; exact: double backward
     fd_alpha: float = 0.01  # eps = fd_alpha / ||w||
+    # Stage I's weights: sum: per image sum(p*err)/sum(p) over masked patches, T only moves weight between
+    # patches; count: sum(p*err)/K (the authors'), T can shrink Stage I by lowering every p
+    stage1_norm: str = "sum"
     unroll_mae: int = 2  # Stage-I (E, D) steps per iteration
-    unroll_head: int = 1  # Stage-II (C) steps per iteration
+    unroll_head: int = 4  # Stage-II (C) steps per iteration, each on a fresh D_tr batch (the authors': 1)
     unroll_mask: int = 1  # Stage-III (T) steps per iteration
 
 
@@ -60,7 +67,7 @@ class OptimConfig:
     """AdamW for every level; warmup + cosine that ends at the real end of training."""
 
     lr_mae: float = 1e-4
-    lr_head: float = 1e-3
+    lr_head: float = 1e-2  # C: a linear head on normalised features, chasing a moving encoder
     lr_mask: float = 1e-3
     weight_decay_mae: float = 0.05
     weight_decay_head: float = 0.0
@@ -68,6 +75,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_fraction: float = 0.05
     final_lr_fraction: float = 0.0
+    # C chases a moving encoder: a constant lr (after warmup) keeps it tracking E to the end (cosine: the authors')
+    schedule_head: str = "constant"
     # The lrs above are for one worker's batch; with N workers (global batch N x batch) they are
     # multiplied by N (linear, the MAE/Goyal et al. rule), sqrt(N), or left as they are (none).
     lr_scaling: str = "linear"
@@ -82,6 +91,7 @@ class DataConfig:
     batch_mae: int = 32  # Stage I batch (D_tr)
     batch_head: int = 32  # Stage II batch (D_tr)
     batch_mask: int = 32  # Stage III batch (D_val)
+    augment_head: bool = False  # Stage II reads D_tr as evaluated (true: with Stage I's crop + flip, the authors')
 
 
 @dataclass
@@ -125,7 +135,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-        "optim": dict(lr_mae=3e-4, lr_head=1e-3, lr_mask=1e-3, weight_decay_mae=0.05),
+        "optim": dict(lr_mae=3e-4, weight_decay_mae=0.05),
+    },
+    # The CPU preset for 28x28 inputs (MNIST, Fashion-MNIST, KMNIST): 49 patches of 4x4.
+    "tiny-28": {
+        "model": dict(img_size=28, patch_size=4, embed_dim=192, depth=4, num_heads=3,
+                      decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+        "optim": dict(lr_mae=3e-4, weight_decay_mae=0.05),
     },
     "small": {
         "model": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
@@ -136,7 +152,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "base-cifar": {
         "model": dict(img_size=32, patch_size=2, embed_dim=768, depth=12, num_heads=12,
                       decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-        "optim": dict(lr_mae=1e-4, lr_head=1e-3, lr_mask=1e-3, weight_decay_mae=0.001),
+        "optim": dict(lr_mae=1e-4, weight_decay_mae=0.001),
         "data": dict(batch_mae=128, batch_head=128, batch_mask=128),
         "run": dict(epochs=200.0),
     },
@@ -144,7 +160,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "base-imagenet": {
         "model": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                       decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-        "optim": dict(lr_mae=1e-4, lr_head=4e-5, lr_mask=4e-5, weight_decay_mae=0.05),
+        "optim": dict(lr_mae=1e-4, weight_decay_mae=0.05),
         "data": dict(batch_mae=256, batch_head=256, batch_mask=256),
         "run": dict(epochs=50.0),
     },
@@ -152,10 +168,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "mlo.hypergradient": ("fd", "exact"),
+    "mlo.stage1_norm": ("count", "sum"),
+    "model.mask_net": ("mlp", "patch"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.precision": ("fp32", "bf16"),
     "data.augment": ("auto", "rrc", "pad-crop", "none"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "optim.schedule_head": ("cosine", "constant"),
 }
 
 
@@ -269,11 +288,20 @@ def _nest(flat: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
     return nested
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"  # config files shipped with the package
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file; errors name the file."""
+    """Read a config file, or a built-in recipe by name (``paper``); errors name the file."""
     path = Path(path)
+    if not path.is_file() and (RECIPES / f"{path}.yaml").is_file():
+        path = RECIPES / f"{path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"config file '{path}' does not exist (built-in recipes: {', '.join(recipe_names())})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -335,6 +363,8 @@ def validate(cfg: Config) -> None:
     for key in ("batch_head", "batch_mask"):
         if getattr(d, key) < 2:
             raise ConfigError(f"'data.{key}' must be at least 2 (the head normalises over the batch)")
+    if m.mask_centre and m.mask_net != "mlp":
+        raise ConfigError(f"'model.mask_centre' applies to 'model.mask_net' mlp only (got {m.mask_net})")
     if r.eval_every < 0:
         raise ConfigError(f"'run.eval_every' must be 0 (only at the end) or more, got {r.eval_every}")
     if r.eval_samples < 1:
@@ -368,9 +398,17 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any], where: str = "") -
     return new
 
 
+# Keys added after runs were saved, with the value that reproduces what those runs did: a saved config
+# without them resumes (and is probed, exported) as it was trained, not with today's defaults.
+LEGACY = {"model": {"mask_net": "mlp", "mask_centre": False}, "mlo": {"stage1_norm": "count"},
+          "optim": {"schedule_head": "cosine"}, "data": {"augment_head": True}}
+
+
 def from_dict(data: Mapping[str, Any]) -> Config:
     """Rebuild a config saved with ``to_dict`` (e.g. inside a checkpoint)."""
     cfg = Config(preset=data.get("preset", Config.preset))
+    _apply(cfg, {section: {k: v for k, v in values.items() if k not in data.get(section, {})}
+                 for section, values in LEGACY.items()}, where="")
     _apply(cfg, data, where="saved config: ")
     validate(cfg)
     return cfg

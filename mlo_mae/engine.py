@@ -32,6 +32,7 @@ from .hypergradient import (
     no_sync,
     seeded,
 )
+from .mask_metrics import mean_entropy, mean_masked_prob, saturated_fraction
 from .masking import random_mask, top_k_mask, weighted_reconstruction_loss
 from .optim import build_adamw, set_lr, warmup_cosine
 
@@ -56,6 +57,9 @@ class StepStats:
     mask_entropy: float | None = None  # mean binary entropy of T's probabilities (nats)
     mask_mean_prob: float | None = None  # mean of T's probabilities
     mask_ratio: float = 0.0  # realised: fraction of patches actually masked (after rounding)
+    mask_saturated: float | None = None  # share of T's probabilities below 0.01 or above 0.99
+    mask_mean_prob_masked: float | None = None  # mean of T's probabilities over the masked patches
+    path_ratio: float | None = None  # ||eta_C H u|| / ||v||: the path through C against the path through E
     lr_mae: float = 0.0
     lr_head: float = 0.0
     lr_mask: float = 0.0
@@ -102,6 +106,8 @@ class MLOEngine:
         self.base_lr = {"mae": o.lr_mae * scale, "head": o.lr_head * scale, "mask": o.lr_mask * scale}
         self.iteration = 0
         self.level_steps = {level: 0 for level in LEVELS}
+        self.measure_paths = False  # set per iteration by ``step`` (costs one more encoder backward)
+        self.path_ratio: float | None = None
 
     # ----- schedule -----
     def unroll(self, level: str) -> int:
@@ -116,6 +122,8 @@ class MLOEngine:
         total = self.level_total(level)
         warmup = int(round(self.cfg.optim.warmup_fraction * total))
         step = self.level_steps[level] if step is None else step
+        if level == "head" and self.cfg.optim.schedule_head == "constant":
+            return self.base_lr[level] * min(1.0, (step + 1) / warmup) if warmup else self.base_lr[level]
         return warmup_cosine(step, total, warmup, self.base_lr[level], self.cfg.optim.final_lr_fraction)
 
     def last_lr(self, level: str) -> float:
@@ -170,15 +178,20 @@ class MLOEngine:
                     probs = None
                     mask = random_mask(images.shape[0], self.mae.num_patches, ratio, self.device)
                 else:
-                    probs = self.masknet(self.mae.embed_patches(images))
+                    tokens = self.mae.embed_patches(images)
+                    if self.masknet.centre:
+                        batch_mean = tokens.float().mean(0)
+                        self.sync([batch_mean])  # one running mean on every rank
+                        self.masknet.track_input(batch_mean)
+                    probs = self.masknet(tokens)
                     mask = top_k_mask(probs, ratio)
             masking = {"mask_ratio": float(mask.mask.float().mean())}
             if probs is not None:
-                p = probs.detach().float().clamp(1e-6, 1 - 1e-6)
-                masking["mask_entropy"] = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
-                masking["mask_mean_prob"] = float(p.mean())
+                masking.update(mask_entropy=mean_entropy(probs), mask_mean_prob=float(probs.detach().mean()),
+                               mask_saturated=saturated_fraction(probs),
+                               mask_mean_prob_masked=mean_masked_prob(probs, mask.mask))
             errors = self.mae(images, mask.ids_keep, mask.ids_restore)
-            loss = weighted_reconstruction_loss(errors, mask.mask, probs)
+            loss = weighted_reconstruction_loss(errors, mask.mask, probs, self.cfg.mlo.stage1_norm)
         self.optimizers["mae"].zero_grad(set_to_none=True)
         loss.backward()
         return self._optimizer_step("mae", loss), masking
@@ -213,18 +226,21 @@ class MLOEngine:
             virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]  # divided out again
             grads, loss_val = exact_hypergradient(
                 self.mae, self.head, self.masknet, images_mae, batch_head, batch_val,
-                cfg.mask_ratio, virtual_lr, lr_head)
+                cfg.mask_ratio, virtual_lr, lr_head, cfg.stage1_norm)
             with torch.no_grad(), self.head.frozen_statistics():
                 logits = self.head(self.mae.forward_features(batch_val[0]))
             return grads, loss_val, logits
         f_head, f_val = features if features is not None else self._shared_features(batch_head, batch_val)
         with self._autocast():
-            w, loss_val = hyper_direction(self.mae, self.head, f_head, batch_head[1], f_val,
-                                          batch_val[1], lr_head, self.sync)
+            direction = hyper_direction(self.mae, self.head, f_head, batch_head[1], f_val, batch_val[1],
+                                        lr_head, self.sync, split=self.measure_paths)
             with torch.no_grad(), self.head.frozen_statistics():
                 logits = self.head(f_val.detach())
-        grads = mixed_product_fd(self.mae, self.masknet, images_mae, w, cfg.mask_ratio, cfg.fd_alpha, seed)
-        return grads, loss_val, logits
+        if direction.e_path_norm:
+            self.path_ratio = direction.c_path_norm / direction.e_path_norm
+        grads = mixed_product_fd(self.mae, self.masknet, images_mae, direction.w, cfg.mask_ratio, cfg.fd_alpha,
+                                 seed, cfg.stage1_norm)
+        return grads, direction.loss_val, logits
 
     def mask_step(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
                   features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float, float]:
@@ -280,6 +296,8 @@ class MLOEngine:
         for key in maskings[0]:
             setattr(stats, key, sum(m[key] for m in maskings) / len(maskings))
         if mlo:
+            self.measure_paths = (self.iteration + 1) % self.cfg.run.log_every == 0  # on logged steps
+            self.path_ratio = None
             vals, tops, norms = [], [], []
             for k in range(self.unroll("mask")):
                 if batch_val is None or k > 0:
@@ -291,6 +309,7 @@ class MLOEngine:
             stats.loss_val = sum(vals) / len(vals)
             stats.val_top1 = sum(tops) / len(tops)
             stats.hypergrad_norm = sum(norms) / len(norms)
+            stats.path_ratio = self.path_ratio
         self.iteration += 1
         stats.lr_mae, stats.lr_head, stats.lr_mask = (self.last_lr(level) for level in LEVELS)
         return stats

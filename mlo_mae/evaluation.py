@@ -2,11 +2,14 @@
 
 The sample is the same images at every evaluation, so the heatmaps of one run
 (and of an MLO and a baseline run on the same data) can be compared step by
-step. Nothing here changes a parameter, a running statistic or the global RNG.
+step. C is evaluated with its BatchNorm statistics recomputed on a fixed D_tr
+sample under the current encoder (precise BN, see ``mlo_mae.head``), on a copy:
+nothing here changes a parameter, a running statistic or the global RNG.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from .engine import MLOEngine
-from .heatmaps import MaskSnapshot, snapshot
+from .head import ClassificationHead
+from .heatmaps import MaskSnapshot, _EvalMode, snapshot
+from .mask_metrics import mean_masked_prob, mean_pairwise_jaccard, random_jaccard, saturated_fraction
+from .masking import num_masked
 
 Normalize = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -22,34 +28,65 @@ Normalize = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 @dataclass
 class Evaluation:
     step: int
-    val_top1: float  # C(E(x)) on the sample, eval mode
+    val_top1: float  # C(E(x)) on the sample, eval mode, precise BN
     val_loss: float
     snapshot: MaskSnapshot
+    head: ClassificationHead  # the C that was evaluated: precise statistics, eval mode
+    random_jaccard: float  # what uniformly random masks of the same count give
+    jaccard: float | None  # mean pairwise Jaccard of the masked sets across the sample (None: one image)
+    saturated: float | None = None  # share of T's probabilities below 0.01 or above 0.99 (MLO only)
+    mean_prob_masked: float | None = None  # mean of T's probabilities over masked patches (MLO only)
+
+    def metrics(self) -> dict[str, float | None]:
+        """The numbers under their MLflow names."""
+        return {"eval/val_top1": self.val_top1, "eval/val_loss": self.val_loss, "mask/jaccard": self.jaccard,
+                "mask/jaccard_random": self.random_jaccard, "mask/saturated_eval": self.saturated,
+                "mask/mean_prob_masked_eval": self.mean_prob_masked}
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, normalize: Normalize, batch_size: int):
+    for i in range(0, len(images), batch_size):
+        yield i, *normalize(images[i: i + batch_size], labels[i: i + batch_size])
+
+
+@torch.no_grad()
+def precise_head(engine: MLOEngine, train_images: torch.Tensor, normalize: Normalize,
+                 batch_size: int = 128) -> ClassificationHead:
+    """A copy of C in eval mode whose BatchNorm statistics are those of the current encoder's CLS
+    features on ``train_images`` (uint8, a fixed D_tr sample)."""
+    labels = torch.zeros(len(train_images), dtype=torch.long)
+    with _EvalMode(engine.mae):
+        cls = torch.cat([engine.mae.forward_features(x)[:, 0] for _, x, _ in
+                         _batches(train_images, labels, normalize, batch_size)])
+    head = copy.deepcopy(engine.head)
+    head.recompute_statistics(cls)
+    return head.eval()
 
 
 @torch.no_grad()
 def evaluate(engine: MLOEngine, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize,
-             batch_size: int = 128) -> Evaluation:
-    """``images``: (B, 3, H, W) uint8 of the fixed sample; ``normalize`` makes model inputs of them."""
-    modules = (engine.mae, engine.head, engine.masknet)
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
+             train_images: torch.Tensor, batch_size: int = 128) -> Evaluation:
+    """``images``: (B, 3, H, W) uint8 of the fixed D_val sample, ``train_images`` the fixed D_tr sample
+    for C's statistics; ``normalize`` makes model inputs of them."""
+    head = precise_head(engine, train_images, normalize, batch_size)
     correct, loss, parts = 0, 0.0, []
-    try:
-        for i in range(0, len(images), batch_size):
-            x, y = normalize(images[i: i + batch_size], labels[i: i + batch_size])
-            logits = engine.head(engine.mae.forward_features(x)).float()
+    with _EvalMode(engine.mae, engine.masknet):
+        for i, x, y in _batches(images, labels, normalize, batch_size):
+            logits = head(engine.mae.forward_features(x)).float()
             correct += int((logits.argmax(-1) == y).sum())
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             display = images[i: i + batch_size].permute(0, 2, 3, 1).contiguous()
             parts.append(snapshot(engine.mae, engine.masknet, x, y, display, engine.cfg.mlo.mask_ratio,
                                   engine.cfg.mlo.baseline, engine.iteration, seed=engine.cfg.run.seed + i))
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+    snap = merge(parts)
+    n = snap.masks.shape[1]
+    mlo = not engine.cfg.mlo.baseline
     return Evaluation(step=engine.iteration, val_top1=correct / len(images), val_loss=loss / len(images),
-                      snapshot=merge(parts))
+                      snapshot=snap, head=head,
+                      jaccard=mean_pairwise_jaccard(snap.masks) if len(images) > 1 else None,
+                      random_jaccard=random_jaccard(n, num_masked(n, engine.cfg.mlo.mask_ratio)),
+                      saturated=saturated_fraction(snap.probs) if mlo else None,
+                      mean_prob_masked=mean_masked_prob(snap.probs, snap.masks) if mlo else None)
 
 
 def merge(parts: list[MaskSnapshot]) -> MaskSnapshot:

@@ -9,14 +9,14 @@ from torch import nn
 from .config import ModelConfig
 from .head import ClassificationHead
 from .mae import MaskedAutoencoderViT
-from .masking import MaskingNetwork
+from .masking import MaskingNetwork, PatchScorer
 
 
 @dataclass
 class Models:
     mae: MaskedAutoencoderViT  # E and D
     head: ClassificationHead  # C
-    masknet: MaskingNetwork  # T
+    masknet: MaskingNetwork | PatchScorer  # T
 
     def modules(self) -> dict[str, nn.Module]:
         return {"mae": self.mae, "head": self.head, "masknet": self.masknet}
@@ -34,5 +34,8 @@ def create_mae(cfg: ModelConfig) -> MaskedAutoencoderViT:
 def create_models(cfg: ModelConfig, num_classes: int) -> Models:
     mae = create_mae(cfg)
     head = ClassificationHead(cfg.embed_dim, num_classes, drop=cfg.head_drop)
-    masknet = MaskingNetwork(mae.num_patches, cfg.embed_dim, cfg.mask_hidden_dim)
+    if cfg.mask_net == "patch":
+        masknet = PatchScorer(cfg.embed_dim, cfg.mask_hidden_dim)
+    else:
+        masknet = MaskingNetwork(mae.num_patches, cfg.embed_dim, cfg.mask_hidden_dim, centre=cfg.mask_centre)
     return Models(mae=mae, head=head, masknet=masknet)

@@ -5,6 +5,12 @@ The CLS feature of an MAE encoder varies little across images at first; the
 normalisation lets Stage II learn within a short run. In eval mode the
 normalisation is a fixed affine map, so the head folds into one Linear layer
 (timm's ``head``, see ``mlo_mae.export``).
+
+The running statistics that training accumulates lag behind the moving
+encoder (measured: a running variance 98x the batch variance at iteration 30),
+so evaluation and export first recompute them on the current encoder
+(``recompute_statistics``, "precise BN"). Training itself normalises by batch
+statistics and never reads them.
 """
 
 from __future__ import annotations
@@ -41,6 +47,16 @@ class ClassificationHead(nn.Module):
             yield
         finally:
             self.norm.track_running_stats = True
+
+    @torch.no_grad()
+    def recompute_statistics(self, features: torch.Tensor) -> None:
+        """Precise BN: the running statistics become those of ``features`` ((B, 1 + N, d) encoder
+        output, or (B, d) CLS features), as one BatchNorm update with momentum 1 would set them."""
+        cls = features[:, 0] if features.dim() == 3 else features
+        cls = cls.to(self.norm.running_mean.dtype)
+        self.norm.running_mean.copy_(cls.mean(0))
+        self.norm.running_var.copy_(cls.var(0, unbiased=True))
+        self.norm.num_batches_tracked.add_(1)
 
     def folded_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of one Linear equal to this head in eval mode."""

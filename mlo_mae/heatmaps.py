@@ -39,7 +39,7 @@ MEAN_SIZE = (900, 420)  # render_mean and each render_evolution frame, (width, h
 PANEL_SIZE = (1000, 330)  # render_panel
 CLASSES_SIZE = (900, 460)  # render_classes
 STRIP_SIZE = (1200, 180)  # render_evolution's strip
-PROB_CMAP = "magma"  # masking probability
+PROB_CMAP = "magma"  # T's score p (the k highest of an image are masked)
 FREQ_CMAP = "viridis"  # how often a patch is masked
 STRIP_MAX = 12  # most snapshots shown in the evolution strip
 _NORM = Normalize(vmin=0.0, vmax=1.0)  # every colour scale is fixed, so steps compare
@@ -227,10 +227,10 @@ def _mean_figure(snap: MaskSnapshot) -> tuple[Figure, dict[str, Axes], list]:
     fig = _figure(MEAN_SIZE)
     ax_p, ax_f = fig.subplots(1, 2)
     im_p = _heatmap(ax_p, snap.mean_map(), PROB_CMAP)
-    ax_p.set_title("mean masking probability", fontsize=10)
-    _colorbar(fig, ax_p, PROB_CMAP, "probability")
+    ax_p.set_title("T's score p, mean over images", fontsize=10)
+    _colorbar(fig, ax_p, PROB_CMAP, "score p")
     im_f = _heatmap(ax_f, snap.mask_frequency(), FREQ_CMAP)
-    ax_f.set_title("how often masked", fontsize=10)
+    ax_f.set_title("how often masked (the k highest p)", fontsize=10)
     _colorbar(fig, ax_f, FREQ_CMAP, "fraction of images")
     for ax in (ax_p, ax_f):
         ax.set_xlabel("patch column", fontsize=9)
@@ -261,7 +261,7 @@ def render_panel(snap: MaskSnapshot, count: int = 8, class_names: list[str] | No
     rows, cols = snap.grid
     shown = max(0, min(count, snap.probs.shape[0]))
     fig = _figure(PANEL_SIZE)
-    fig.suptitle(f"{snap.mode} · step {snap.step}: masked patches (top) and masking probability (bottom)",
+    fig.suptitle(f"{snap.mode} · step {snap.step}: masked patches, the k highest scores (top); T's score p (bottom)",
                  fontsize=11)
     if shown == 0:
         fig.text(0.5, 0.5, "no images", ha="center", va="center")
@@ -290,8 +290,8 @@ def render_panel(snap: MaskSnapshot, count: int = 8, class_names: list[str] | No
             ax.set_yticks([])
         bottom.set_xlabel(_short(_class_name(int(snap.labels[i]), class_names)), fontsize=9)
     axes[0, 0].set_ylabel("masked", fontsize=9)
-    axes[1, 0].set_ylabel("P(mask)", fontsize=9)
-    _colorbar(fig, all_axes.ravel().tolist(), PROB_CMAP, "masking probability")
+    axes[1, 0].set_ylabel("score p", fontsize=9)
+    _colorbar(fig, all_axes.ravel().tolist(), PROB_CMAP, "T's score p")
     return _to_image(fig, PANEL_SIZE, {"masked": list(axes[0]), "probability": list(axes[1])})
 
 
@@ -302,7 +302,8 @@ def render_classes(snap: MaskSnapshot, class_names: list[str] | None = None, max
     """
     maps = snap.class_maps(max_classes)
     fig = _figure(CLASSES_SIZE)
-    fig.suptitle(f"{snap.mode} · step {snap.step}: mean masking probability per class", fontsize=11)
+    fig.suptitle(f"{snap.mode} · step {snap.step}: T's score p, mean per class (the k highest of an image are masked)",
+                 fontsize=11)
     if not maps:
         fig.text(0.5, 0.5, "no images", ha="center", va="center")
         return _to_image(fig, CLASSES_SIZE, {"classes": []})
@@ -318,7 +319,7 @@ def render_classes(snap: MaskSnapshot, class_names: list[str] | None = None, max
         used.append(ax)
     for ax in grid[len(maps):]:
         ax.set_axis_off()
-    _colorbar(fig, grid.tolist(), PROB_CMAP, "masking probability")
+    _colorbar(fig, grid.tolist(), PROB_CMAP, "score p")
     return _to_image(fig, CLASSES_SIZE, {"classes": used})
 
 
@@ -363,7 +364,7 @@ def render_evolution(snaps: list[MaskSnapshot]) -> tuple[list[Image.Image], Imag
     picks = strip_indices(len(snaps))
     fig = _figure(STRIP_SIZE)
     mode = snaps[0].mode if snaps else "MLO-MAE"
-    fig.suptitle(f"{mode}: mean masking probability over training", fontsize=11)
+    fig.suptitle(f"{mode}: T's score p, mean over the sample, over training", fontsize=11)
     if not picks:
         fig.text(0.5, 0.5, "no snapshots", ha="center", va="center")
         strip = _to_image(fig, STRIP_SIZE, {"maps": []})

@@ -47,6 +47,7 @@ perturbs by the same global direction; g_T is synced by the caller.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -90,6 +91,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
 
 
+@dataclass
+class Direction:
+    """w (E's parameter order) and L_val; with ``split``, also the size of each path in w."""
+
+    w: list[torch.Tensor]
+    loss_val: torch.Tensor
+    e_path_norm: float | None = None  # ||v||: T -> E -> L_val
+    c_path_norm: float | None = None  # ||eta_C H u||: T -> E -> C*(E) -> L_val
+
+
 def hyper_direction(
     mae: MaskedAutoencoderViT,
     head: ClassificationHead,
@@ -99,14 +110,21 @@ def hyper_direction(
     labels_val: torch.Tensor,
     lr_head: float,
     sync: Sync = no_sync,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+    split: bool = False,
+) -> Direction:
     """w = v - eta_C * d2L_II/(dE dC) . u, in E's parameter order; also returns L_val.
 
     ``features_*`` are encoder outputs of whole images that still carry their
-    autograd graph to E (one shared forward, see the module docstring).
+    autograd graph to E (one shared forward, see the module docstring). ``split``
+    takes the two paths in two encoder backwards instead of one, to measure them.
     """
     head_params = [p for p in head.parameters() if p.requires_grad]
     enc_params = [p for _, p in mae.encoder_named_parameters()]
+
+    def grad_e(output: torch.Tensor, retain: bool) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(output, enc_params, allow_unused=True, retain_graph=retain)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, enc_params)]
+
     with head.frozen_statistics():
         loss_val = cross_entropy(head(features_val), labels_val)
         u = list(torch.autograd.grad(loss_val, head_params, retain_graph=True))
@@ -114,11 +132,19 @@ def hyper_direction(
         loss_head = cross_entropy(head(features_head), labels_head)
     grad_c = torch.autograd.grad(loss_head, head_params, create_graph=True)
     hu_potential = sum((g * ui).sum() for g, ui in zip(grad_c, u))
-    objective = loss_val - lr_head * hu_potential
-    w = list(torch.autograd.grad(objective, enc_params, allow_unused=True))
-    w = [torch.zeros_like(p) if g is None else g for g, p in zip(w, enc_params)]
-    sync(w)
-    return w, loss_val.detach()
+    if not split:
+        w = grad_e(loss_val - lr_head * hu_potential, retain=False)
+        sync(w)
+        return Direction(w, loss_val.detach())
+    v = grad_e(loss_val, retain=True)
+    c_path = [lr_head * g for g in grad_e(hu_potential, retain=False)]
+    sync(v + c_path)  # averaging is linear: the same w as averaging w itself
+    w = [a - b for a, b in zip(v, c_path)]
+    return Direction(w, loss_val.detach(), _norm(v), _norm(c_path))
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
 
 def mixed_product_fd(
@@ -129,6 +155,7 @@ def mixed_product_fd(
     mask_ratio: float,
     alpha: float = 0.01,
     seed: int = 0,
+    norm: str = "count",
 ) -> list[torch.Tensor]:
     """g_T = - d2L_I/(dT dE) . w by one central difference at E +- eps*w."""
     device = images.device
@@ -150,7 +177,7 @@ def mixed_product_fd(
                 with seeded(seed, device):
                     errors.append(functional_call(mae, moved, (images, mask.ids_keep, mask.ids_restore)))
             delta = (errors[0] - errors[1]) / (2.0 * eps)
-    surrogate = weighted_reconstruction_loss(delta, mask.mask, probs)
+    surrogate = weighted_reconstruction_loss(delta, mask.mask, probs, norm)
     grads = torch.autograd.grad(surrogate, t_params)
     return [-g for g in grads]
 
@@ -165,6 +192,7 @@ def exact_hypergradient(
     mask_ratio: float,
     lr_mae: float,
     lr_head: float,
+    norm: str = "count",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """g_T = (d L_val(E', C'(E')) / dT) / eta_E through one virtual SGD step of E and C.
 
@@ -180,7 +208,7 @@ def exact_hypergradient(
         probs = masknet(tokens)
         mask = top_k_mask(probs, mask_ratio)
         errors = mae(images, mask.ids_keep, mask.ids_restore)
-        loss_mae = weighted_reconstruction_loss(errors, mask.mask, probs)
+        loss_mae = weighted_reconstruction_loss(errors, mask.mask, probs, norm)
         grads_e = torch.autograd.grad(loss_mae, list(enc.values()), create_graph=True, allow_unused=True)
         enc_next = {n: p if g is None else p - lr_mae * g for (n, p), g in zip(enc.items(), grads_e)}
         enc_next.update(dec)

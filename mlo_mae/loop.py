@@ -36,6 +36,8 @@ def format_progress(stats: StepStats, progress: Progress) -> str:
         parts.append(f"L_III {stats.loss_val:.4f}")
     if stats.val_top1 is not None:
         parts.append(f"val@1 {100 * stats.val_top1:.1f}%")
+    if stats.mask_saturated is not None:
+        parts.append(f"T: p masked {stats.mask_mean_prob_masked:.2f}, {100 * stats.mask_saturated:.0f}% saturated")
     parts += [f"{progress.steps_per_s:.2f} it/s", f"ETA {_duration(progress.eta_s)}"]
     return " | ".join(parts)
 

@@ -1,4 +1,5 @@
-"""Where labelled images come from: an ImageFolder tree, a CIFAR python archive, or the built-in digits.
+"""Where labelled images come from: an ImageFolder tree, a CIFAR python archive, MNIST-format IDX
+files (MNIST, Fashion-MNIST, KMNIST), or the built-in digits.
 
 A source lists its items (a reference, a label, which split the source itself
 assigns) and reads one item at a time, so that nothing holds a whole image
@@ -7,9 +8,13 @@ collection in memory. File references are paths relative to the tree's root.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import os
 import pickle
+import struct
+import zlib
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,6 +218,116 @@ class CifarSource:
                 "labels": self.label_kind if self.variant == "cifar100" else "fine"}
 
 
+# Label files of the known IDX data sets, as distributed (md5 of the .gz) or decompressed (sha256):
+# how a folder of IDX files is given its class names.
+IDX_SETS = {
+    "fashion-mnist": (["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot"],
+                      {"25c81989df183df01b3e8a0aad5dffbe",  # md5, zalandoresearch's train-labels-idx1-ubyte.gz
+                       "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"}),  # sha256, decompressed
+    "kmnist": (["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+               {"e144d726b3acfaa3e44228e80efcd344"}),
+    "mnist": ([str(d) for d in range(10)], {"d53e105ee54ea40749a09fcbcd1e9432"}),
+}
+IDX_FILES = {("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
+             ("test", "images"): "t10k-images-idx3-ubyte", ("test", "labels"): "t10k-labels-idx1-ubyte"}
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes, 3 or 1 dimensions
+
+
+def is_idx_folder(path: Path) -> bool:
+    return any((path / (name + ext)).is_file() for name in IDX_FILES.values() for ext in ("", ".gz"))
+
+
+class IdxSource:
+    """MNIST-format IDX files in one folder, as MNIST, Fashion-MNIST and KMNIST are distributed:
+    ``train-{images-idx3,labels-idx1}-ubyte[.gz]`` and ``t10k-*`` (the official test split).
+
+    Greyscale images are stored as RGB. Class names come from the known sets (recognised by their
+    label files), else the label numbers.
+    """
+
+    kind = "idx"
+    on_disk = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.files: dict[tuple[str, str], Path] = {}
+        for key, name in IDX_FILES.items():
+            found = [self.root / (name + ext) for ext in ("", ".gz") if (self.root / (name + ext)).is_file()]
+            if not found:
+                raise SourceError(f"'{self.root / name}[.gz]' is missing (an IDX folder needs "
+                                  f"{', '.join(IDX_FILES.values())}, each plain or .gz)")
+            self.files[key] = found[0]
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        raw_labels = {}
+        for split in ("train", "test"):
+            images, _ = self._read(split, "images")
+            labels, raw_labels[split] = self._read(split, "labels")
+            if len(images) != len(labels):
+                raise SourceError(f"'{self.files[split, 'images']}' holds {len(images)} images but "
+                                  f"'{self.files[split, 'labels']}' {len(labels)} labels")
+            self._arrays[split] = (images, labels)
+        self.variant, self.class_names = self._recognise(raw_labels["train"])
+        for split in ("train", "test"):
+            labels = self._arrays[split][1]
+            if labels.size and labels.max() >= len(self.class_names):
+                raise SourceError(f"'{self.files[split, 'labels']}': label {int(labels.max())} is outside "
+                                  f"0..{len(self.class_names) - 1} ({self.variant})")
+
+    def _read(self, split: str, kind: str) -> tuple[np.ndarray, bytes]:
+        """The array in one IDX file and the file's bytes as stored; any defect is a SourceError naming it."""
+        path = self.files[split, kind]
+        stored = path.read_bytes()
+        try:
+            data = gzip.decompress(stored) if path.suffix == ".gz" else stored
+        except (OSError, EOFError, zlib.error) as err:
+            raise SourceError(f"'{path}' is not a readable gzip file ({err})") from None
+        dims = 3 if kind == "images" else 1
+        header = 4 + 4 * dims
+        if len(data) < header:
+            raise SourceError(f"'{path}' is too short for an IDX header ({len(data)} bytes)")
+        magic = struct.unpack(">I", data[:4])[0]
+        if magic != IDX_MAGIC[kind]:
+            raise SourceError(f"'{path}' has magic number 0x{magic:08x}, expected 0x{IDX_MAGIC[kind]:08x} "
+                              f"(IDX {kind}: unsigned bytes, {dims} dimension{'s' if dims > 1 else ''})")
+        shape = struct.unpack(f">{dims}I", data[4:header])
+        expected = int(np.prod(shape))
+        if len(data) - header != expected:
+            raise SourceError(f"'{path}' holds {len(data) - header} bytes of data, its header "
+                              f"({' x '.join(map(str, shape))}) promises {expected}")
+        array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+        return (array if kind == "images" else array.astype(np.int64)), stored
+
+    def _recognise(self, stored_train_labels: bytes) -> tuple[str, list[str]]:
+        path = self.files["train", "labels"]
+        raw = gzip.decompress(stored_train_labels) if path.suffix == ".gz" else stored_train_labels
+        digests = {hashlib.md5(stored_train_labels).hexdigest(), hashlib.sha256(raw).hexdigest()}
+        for variant, (names, known) in IDX_SETS.items():
+            if digests & known:
+                return variant, names
+        classes = int(max(int(a[1].max(initial=0)) for a in self._arrays.values())) + 1
+        return "unknown", [str(c) for c in range(classes)]
+
+    def items(self) -> Iterator[Item]:
+        for split in ("test", "train"):
+            for i, label in enumerate(self._arrays[split][1].tolist()):
+                yield Item(f"{split}/{i}", int(label), split == "test")
+
+    def read(self, item: Item) -> Inspection:
+        split, i = item.ref.split("/")
+        grey = self._arrays[split][0][int(i)]
+        return inspect_pixels(np.repeat(grey[..., None], 3, axis=2))
+
+    def empty_classes(self) -> list[str]:
+        present = set(self._arrays["train"][1].tolist())
+        return [n for i, n in enumerate(self.class_names) if i not in present]
+
+    def describe(self) -> dict:
+        # Digits, letters and Japanese characters change meaning under a mirror; clothes do not.
+        return {"kind": self.kind, "variant": self.variant, "path": str(self.root.resolve()),
+                "hflip_preserves_label": self.variant == "fashion-mnist"}
+
+
 class DigitsSource:
     """scikit-learn's 1,797 8x8 digits, upsampled (bilinear) to 32x32 RGB once, at preparation."""
 
@@ -255,6 +370,10 @@ def open_source(source: str, test_source: Path | None = None, cifar_labels: str 
     if not path.exists():
         raise SourceError(f"SOURCE '{source}' does not exist (expected 'digits', an ImageFolder tree "
                           "or a CIFAR python archive)")
+    if path.is_dir() and is_idx_folder(path):
+        if test_source is not None:
+            raise SourceError("--test-source applies to ImageFolder trees only; IDX folders hold their t10k test files")
+        return IdxSource(path)
     looks_cifar = path.is_file() or any((path / d).is_dir() for d in ("cifar-10-batches-py", "cifar-100-python"))
     if looks_cifar:
         if test_source is not None:

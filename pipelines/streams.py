@@ -41,9 +41,13 @@ def resolve_augment(name: str, img_size: int) -> str:
     return "rrc" if img_size >= 96 else "pad-crop"
 
 
-def level_specs(data: PreparedDataset, img_size: int, augment: str, seed: int) -> dict[str, StreamSpec]:
+def level_specs(data: PreparedDataset, img_size: int, augment: str, seed: int,
+                augment_head: bool = True) -> dict[str, StreamSpec]:
+    """How each level's stream is decoded. ``augment_head=False``: Stage II reads D_tr as it is evaluated
+    (C then learns the features the evaluation and the hypergradient see, not shifted copies)."""
     mode = resolve_augment(augment, img_size)
-    return {level: StreamSpec(split, train, img_size, mode, data.hflip_preserves_label, seed * 3 + i)
+    return {level: StreamSpec(split, train and (level != "head" or augment_head), img_size, mode,
+                              data.hflip_preserves_label, seed * 3 + i)
             for i, (level, (split, train)) in enumerate(LEVELS.items())}
 
 

@@ -126,3 +126,31 @@ def make_cifar(path: Path, variant: str = "cifar10", per_batch: int = 40, test_r
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             (path / name).write_bytes(blob)
     return arrays
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """An IDX file: big-endian magic, one big-endian count per dimension, then the unsigned bytes."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def make_idx(root: Path, train: int = 40, test: int = 20, classes: int = 4, size: int = 12, gz: bool = True,
+             seed: int = 0) -> dict:
+    """An MNIST-format folder (train-*-ubyte and t10k-*-ubyte, gzipped or plain); returns the arrays written."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, prefix, rows in (("train", "train", train), ("test", "t10k", test)):
+        images = rng.integers(0, 256, (rows, size, size), dtype=np.uint8)
+        labels = (np.arange(rows) % classes).astype(np.uint8)
+        for kind, array, magic, dims in (("images", images, 0x803, 3), ("labels", labels, 0x801, 1)):
+            blob = idx_bytes(array, magic)
+            name = f"{prefix}-{kind}-idx{dims}-ubyte"
+            if gz:
+                (root / f"{name}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (root / name).write_bytes(blob)
+        arrays[split] = (images, labels.astype(np.int64))
+    return arrays

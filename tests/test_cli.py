@@ -100,7 +100,7 @@ def test_short_pretrain_trains_saves_and_probes(tmp_path):
     assert final.parent == run_dir
     state = torch.load(final / "state.pt", weights_only=True)
     assert state["engine"]["iteration"] == 3
-    assert state["engine"]["level_steps"] == {"mae": 6, "head": 3, "mask": 3}
+    assert state["engine"]["level_steps"] == {"mae": 6, "head": 12, "mask": 3}  # 4 C steps per iteration
     assert yaml.safe_load((run_dir / "mlo-mae-run.yaml").read_text())["config"]["run"]["max_steps"] == 3
     again = mlo_mae("pretrain", "--max-steps", "3", "--name", "short", cwd=tmp_path)
     assert_one_line_error(again, "run 'short' already exists")

@@ -63,3 +63,32 @@ def test_override_parsing():
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("optim.lr_mae")
     assert isinstance(Config().to_dict()["optim"]["betas"], list)
+
+
+def test_paper_recipe_is_a_named_config_over_any_preset():
+    paper = resolve("paper", preset="base-cifar")
+    assert paper.model.embed_dim == 768 and paper.model.patch_size == 2  # the preset's model
+    assert (paper.model.mask_net, paper.model.mask_centre, paper.mlo.stage1_norm) == ("mlp", False, "count")
+    assert (paper.mlo.unroll_head, paper.optim.lr_head, paper.optim.schedule_head) == (1, 1e-3, "cosine")
+    assert paper.optim.lr_mask == 4e-5 and paper.data.augment_head is True
+    default = resolve()
+    assert (default.model.mask_net, default.mlo.stage1_norm, default.mlo.unroll_head) == ("patch", "sum", 4)
+    with pytest.raises(ConfigError, match=r"config file 'papr' does not exist \(built-in recipes: paper\)"):
+        resolve("papr")
+
+
+def test_runs_saved_before_a_key_existed_keep_what_they_did():
+    saved = resolve().to_dict()
+    for section, key in (("model", "mask_net"), ("model", "mask_centre"), ("mlo", "stage1_norm"),
+                         ("optim", "schedule_head"), ("data", "augment_head")):
+        del saved[section][key]
+    old = from_dict(saved)
+    assert (old.model.mask_net, old.mlo.stage1_norm, old.optim.schedule_head) == ("mlp", "count", "cosine")
+    assert old.data.augment_head is True and old.model.mask_centre is False
+    assert from_dict(resolve().to_dict()) == resolve()  # a run saved with the keys keeps its own values
+
+
+def test_centring_applies_to_the_paper_masking_network_only():
+    assert resolve(overrides={"model.mask_net": "mlp", "model.mask_centre": True}).model.mask_centre
+    with pytest.raises(ConfigError, match="'model.mask_centre' applies to 'model.mask_net' mlp only"):
+        resolve(overrides={"model.mask_centre": True})

@@ -60,7 +60,7 @@ def test_baseline_never_touches_the_masking_network(tiny_cfg):
     after = engine.masknet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert engine.optimizers["mask"].state_dict()["state"] == {}
-    assert engine.level_steps == {"mae": 8, "head": 4, "mask": 0}
+    assert engine.level_steps == {"mae": 8, "head": 4 * tiny_cfg.mlo.unroll_head, "mask": 0}
     assert all(s.loss_val is None for s in stats)
     assert not torch.equal(before_mae, engine.mae.patch_embed.proj.weight)  # E did train
 
@@ -69,7 +69,7 @@ def test_mlo_mode_trains_every_level(tiny_cfg):
     engine = MLOEngine(tiny_cfg, 3, total_steps=3)
     before = {n: p.clone() for n, p in engine.masknet.named_parameters()}
     stats = _run(engine, level_streams(), 3)
-    assert engine.level_steps == {"mae": 6, "head": 3, "mask": 3}
+    assert engine.level_steps == {"mae": 6, "head": 3 * tiny_cfg.mlo.unroll_head, "mask": 3}
     assert any(not torch.equal(before[n], p) for n, p in engine.masknet.named_parameters())
     assert all(s.loss_val is not None and s.hypergrad_norm > 0 for s in stats)
 
@@ -171,3 +171,56 @@ def test_sync_hook_changes_the_direction_used_for_the_perturbation(tiny_cfg):
     engine.sync = halve
     averaged = engine.hypergradient(x1, b2, b3)[0]
     assert not all(torch.allclose(a, b) for a, b in zip(alone, averaged))
+
+
+def test_constant_head_schedule_holds_its_lr_after_warmup(tiny_cfg):
+    tiny_cfg.optim.warmup_fraction = 0.2
+    tiny_cfg.optim.schedule_head = "constant"
+    engine = MLOEngine(tiny_cfg, 3, total_steps=10)
+    lrs = [engine.lr("head", s) for s in range(engine.level_total("head"))]
+    base = engine.base_lr["head"]
+    assert lrs[:2] == pytest.approx([base / 2, base])  # the same warmup as every level
+    assert lrs[2:] == pytest.approx([base] * 8)
+    assert engine.lr("mae", engine.level_total("mae") - 1) == pytest.approx(0.0)  # the others still decay
+
+
+@pytest.mark.parametrize("norm", ["count", "sum"])
+def test_stage_one_minimises_the_configured_weighting(tiny_cfg, norm):
+    from mlo_mae.masking import top_k_mask, weighted_reconstruction_loss
+
+    tiny_cfg.mlo.stage1_norm = norm
+    engine = MLOEngine(tiny_cfg, 3, total_steps=2)
+    images = next(level_streams()["mae"])[0]
+    with torch.no_grad():
+        probs = engine.masknet(engine.mae.embed_patches(images))
+        mask = top_k_mask(probs, tiny_cfg.mlo.mask_ratio)
+        errors = engine.mae(images, mask.ids_keep, mask.ids_restore)
+    expected = weighted_reconstruction_loss(errors, mask.mask, probs, norm)
+    loss, masking = engine.mae_step(images)
+    assert loss == pytest.approx(float(expected), rel=1e-6)
+    assert masking["mask_mean_prob_masked"] == pytest.approx(float((probs * mask.mask).sum() / mask.mask.sum()))
+
+
+@pytest.mark.parametrize("net,centre", [("patch", False), ("mlp", True)])
+def test_masking_network_options_build_and_train(tiny_cfg, net, centre):
+    from mlo_mae.masking import MaskingNetwork, PatchScorer
+
+    tiny_cfg.model.mask_net, tiny_cfg.model.mask_centre = net, centre
+    engine = MLOEngine(tiny_cfg, 3, total_steps=3)
+    assert isinstance(engine.masknet, PatchScorer if net == "patch" else MaskingNetwork)
+    before = {n: p.clone() for n, p in engine.masknet.named_parameters()}
+    _run(engine, level_streams(), 3)
+    assert any(not torch.equal(before[n], p) for n, p in engine.masknet.named_parameters())
+    if centre:  # the running mean saw every Stage-I batch's T input
+        assert int(engine.masknet.input_count) == 3 * tiny_cfg.mlo.unroll_mae
+        assert engine.masknet.input_mean.abs().sum() > 0
+
+
+def test_paths_are_measured_on_logged_steps_only(tiny_cfg):
+    tiny_cfg.run.log_every = 2
+    engine = MLOEngine(tiny_cfg, 3, total_steps=6)  # (at the last step the cosine takes C's lr, so the path, to 0)
+    stats = _run(engine, level_streams(), 4)
+    ratios = [s.path_ratio for s in stats]
+    assert ratios[0] is None and ratios[2] is None
+    assert ratios[1] > 0 and ratios[3] > 0  # iterations 2 and 4: the steps the worker logs
+    assert all(s.mask_saturated is not None and 0 < s.mask_mean_prob_masked < 1 for s in stats)

@@ -9,15 +9,16 @@ from mlo_mae.factory import create_models
 
 @pytest.mark.parametrize("preset,img,patch,width,depth,dec_width,dec_depth", [
     ("tiny", 32, 4, 192, 4, 128, 2),
+    ("tiny-28", 28, 4, 192, 4, 128, 2),
     ("small", 32, 4, 384, 12, 256, 4),
     ("base-cifar", 32, 2, 768, 12, 512, 8),
     ("base-imagenet", 224, 16, 768, 12, 512, 8),
 ])
 def test_presets_shapes(preset, img, patch, width, depth, dec_width, dec_depth):
-    cfg = resolve(preset=preset).model
+    cfg = resolve("paper", preset=preset).model  # the paper's T; the default one is checked below
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth) == (img, patch, width, depth)
     assert (cfg.decoder_embed_dim, cfg.decoder_depth) == (dec_width, dec_depth)
-    device = "cpu" if preset in ("tiny", "small") else "meta"  # ViT-B: shapes only
+    device = "cpu" if preset in ("tiny", "tiny-28", "small") else "meta"  # ViT-B: shapes only
     with torch.device(device):
         m = create_models(cfg, num_classes=10)
         n = (img // patch) ** 2
@@ -34,6 +35,9 @@ def test_presets_shapes(preset, img, patch, width, depth, dec_width, dec_depth):
     assert (m.masknet.fc1.in_features, m.masknet.fc1.out_features) == (n * width, 512)
     if preset == "base-cifar":  # the paper: ~100M weights in T at N=256, d=768
         assert 100e6 < sum(p.numel() for p in m.masknet.parameters()) < 101e6
+    with torch.device("meta"):  # the default T scores each patch alone: d*512 weights, whatever N
+        t = create_models(resolve(preset=preset).model, num_classes=10).masknet
+    assert (t.fc1.in_features, t.fc1.out_features, t.fc2.out_features) == (width, 512, 1)
     if preset.startswith("base"):  # ViT-B encoder: 85.8M parameters
         enc = sum(p.numel() for _, p in m.mae.encoder_named_parameters())
         assert 85e6 < enc < 87e6

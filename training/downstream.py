@@ -53,6 +53,12 @@ def eval_sample(data: PreparedDataset, cfg: config_mod.Config) -> tuple[torch.Te
     return read_images(data, cfg, "val", cfg.run.eval_samples)
 
 
+def train_sample(data: PreparedDataset, cfg: config_mod.Config) -> torch.Tensor:
+    """The fixed D_tr images (as evaluated, no augmentation) on which C's BatchNorm statistics are
+    recomputed before every evaluation (precise BN)."""
+    return read_images(data, cfg, "train", cfg.run.eval_samples)[0]
+
+
 def _features(mae, data: PreparedDataset, cfg: config_mod.Config, split: str, norm: Normalizer):
     feats, labels = [], []
     for images, y in loader(data, split_spec(data, cfg, split), 256, shuffle=False, drop_last=False):

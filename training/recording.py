@@ -31,7 +31,7 @@ from mlo_mae.probe import ProbeResult
 from pipelines.manifest import PreparedDataset
 from pipelines.streams import Normalizer
 
-from .downstream import eval_sample
+from .downstream import eval_sample, train_sample
 from .tracking import RunLogger
 
 HEATMAP_KEYS = ("heatmaps/mask_mean", "heatmaps/mask_panel", "heatmaps/mask_classes")
@@ -39,10 +39,12 @@ GIF_FRAMES = 100
 
 
 def step_metrics(stats: StepStats) -> dict[str, float | None]:
-    """One iteration's numbers under their MLflow names (None: not measured in this mode)."""
+    """One iteration's numbers under their MLflow names (None: not measured in this mode or step)."""
     return {"train/loss_mae": stats.loss_mae, "train/loss_head": stats.loss_head, "train/loss_val": stats.loss_val,
             "train/val_top1_batch": stats.val_top1, "train/hypergrad_norm": stats.hypergrad_norm,
+            "hypergrad/path_ratio": stats.path_ratio,
             "mask/entropy": stats.mask_entropy, "mask/mean_prob": stats.mask_mean_prob,
+            "mask/mean_prob_masked": stats.mask_mean_prob_masked, "mask/saturated": stats.mask_saturated,
             "mask/ratio": stats.mask_ratio, "lr/mae": stats.lr_mae, "lr/head": stats.lr_head,
             "lr/mask": stats.lr_mask}
 
@@ -52,6 +54,8 @@ class Recorder:
                  cfg: config_mod.Config, norm: Normalizer, say: Callable[[str], None]) -> None:
         self.logger, self.engine, self.cfg, self.norm, self.say = logger, engine, cfg, norm, say
         self.images, self.labels = eval_sample(data, cfg)
+        self.train_images = train_sample(data, cfg)
+        self.head = None  # C with precise statistics, from the last evaluation (exported at the end)
         self.class_names = data.class_names
         self.history: list[dict[str, Any]] = []
 
@@ -62,11 +66,12 @@ class Recorder:
 
     def evaluate(self) -> Evaluation:
         """D_val top-1 on the fixed sample and the three heatmaps, logged at the current step."""
-        ev = evaluate(self.engine, self.images, self.labels, self.norm)
+        ev = evaluate(self.engine, self.images, self.labels, self.norm, self.train_images)
+        self.head = ev.head
         self.history = [h for h in self.history if h["step"] < ev.step] + [
             {**condensed(ev.snapshot), "val_top1": ev.val_top1, "val_loss": ev.val_loss}]
         if self.logger is not None:
-            self.logger.metrics({"eval/val_top1": ev.val_top1, "eval/val_loss": ev.val_loss}, ev.step)
+            self.logger.metrics(ev.metrics(), ev.step)
             self.logger.flush()
             snap = ev.snapshot
 
@@ -105,7 +110,7 @@ class Recorder:
                 strip.save(os.path.join(folder, "mask_strip.png"))
                 self.logger.artifacts(folder, "heatmaps")
             model_dir = os.path.join(folder, "model")
-            save_encoder(self.engine.mae, self.cfg.model, model_dir)
+            save_encoder(self.engine.mae, self.cfg.model, model_dir, head=self.head)
             self.logger.artifacts(model_dir, "model")
 
     def state_dict(self) -> dict[str, Any]:

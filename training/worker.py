@@ -64,6 +64,17 @@ def data_position(engine: MLOEngine, cfg: config_mod.Config, world: int) -> dict
                        for level in LEVELS}}
 
 
+def evaluation_line(ev, images: int) -> str:
+    """What an evaluation found, on one line: C's accuracy and whether the masks still differ by image."""
+    line = (f"evaluation at step {ev.step}: D_val sample of {images} images, C top-1 {100 * ev.val_top1:.1f}% "
+            f"(precise BN), loss {ev.val_loss:.4f}")
+    if ev.jaccard is not None:
+        line += f" | mask Jaccard {ev.jaccard:.2f} (random {ev.random_jaccard:.2f})"
+    if ev.saturated is not None:
+        line += f", saturated {100 * ev.saturated:.0f}%, mean p masked {ev.mean_prob_masked:.2f}"
+    return line
+
+
 def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str) -> dict[str, Any] | None:
     """Load the run's latest checkpoint into ``engine``, if there is one; check it fits this run.
     Returns the whole saved state (the recorder's part too), None when starting afresh."""
@@ -83,7 +94,7 @@ def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str
 
 def _streams(engine: MLOEngine, data: PreparedDataset, cfg: config_mod.Config, rank: int, world: int):
     """Each level's rank-local stream, from the batch the engine reached to the last one the run needs."""
-    specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed)
+    specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed, cfg.data.augment_head)
     streams = {}
     for level in LEVELS:
         if level == "mask" and cfg.mlo.baseline:
@@ -190,8 +201,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             metrics["evaluated"] = True  # rank 0 adds the numbers; every rank reports at this step
             if recorder is not None:
                 ev = recorder.evaluate()
-                say("log", f"evaluation at step {done}: D_val sample of {len(recorder.labels)} images, "
-                           f"top-1 {100 * ev.val_top1:.1f}%, loss {ev.val_loss:.4f}")
+                say("log", evaluation_line(ev, len(recorder.labels)))
         checkpoint_now = r.checkpoint_every > 0 and done % r.checkpoint_every == 0 and done < total
         if metrics or checkpoint_now:
             report(metrics, checkpoint_now)  # the final checkpoint follows, with the final metrics
