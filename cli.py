@@ -64,7 +64,8 @@ def cli() -> None:
 
 CONFIG_OPTIONS = (
     click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                 help="YAML config file (sections model, mlo, optim, data, run); flags override it."),
+                 help="YAML config file (sections model, mlo, optim, data, run), or a built-in recipe: "
+                      "'paper' (the paper's method with the authors' settings); flags override it."),
     click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                  help="Model and recipe preset [default: tiny, or the config file's]."),
     click.option("--dataset", default=None,
@@ -507,9 +508,13 @@ def prepare(source: str, out: Path, test_source: Path | None, seed: int, cifar_l
     """Turn SOURCE into Parquet shards in OUT with the fixed train/val/test splits.
 
     SOURCE is 'digits' (built in), an ImageFolder tree (one folder per class,
-    as ImageNet's train set), or CIFAR-10/100 'python' archives
+    as ImageNet's train set), CIFAR-10/100 'python' archives
     (cifar-10-python.tar.gz, cifar-100-python.tar.gz, or their extracted
-    folders). Splits: test = the official one (CIFAR, --test-source) or 20%
+    folders), or a folder of MNIST-format IDX files as MNIST, Fashion-MNIST
+    and KMNIST are distributed (train-images-idx3-ubyte[.gz],
+    train-labels-idx1-ubyte[.gz], t10k-*; e.g.
+    /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).
+    Splits: test = the official one (CIFAR, IDX t10k, --test-source) or 20%
     carved per class; val (D_val) = 20% of the rest per class; train (D_tr)
     the remaining 80%. OUT gets train/, val/, test/ and manifest.json.
     """

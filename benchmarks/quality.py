@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ RUN_ID = re.compile(r"^MLflow run ([0-9a-f]{32}) ", re.M)
 ARMS = {"mae": ["--baseline"], "paper": ["--config", "paper"], "mlo": []}
 ARM_NAMES = {"mae": "MAE (`--baseline`)", "paper": "MLO-MAE, paper-faithful (`--config paper`)",
              "mlo": "MLO-MAE, this project's defaults"}
-SETTINGS = ("dataset", "preset", "max_steps", "seeds", "arms", "finetune_epochs", "extra")
+SETTINGS = ("dataset", "preset", "max_steps", "seeds", "arms", "finetune_epochs", "finetune_lr", "extra")
 # What each run records (MLflow metric -> field), last value of the run.
 METRICS = {"probe/test_top1": "probe_test", "probe/val_top1": "probe_val", "finetune/test_top1": "finetune_test",
            "finetune/val_top1": "finetune_val", "eval/val_top1": "head_val", "mask/jaccard": "jaccard",
@@ -48,7 +49,8 @@ def cli(args: list[str], log: Path) -> str:
     with log.open("a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        proc = subprocess.Popen(command, cwd=RESULTS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(command, cwd=RESULTS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
         lines = []
         for line in proc.stdout:
             out.write(line)
@@ -61,27 +63,38 @@ def cli(args: list[str], log: Path) -> str:
     return "".join(lines)
 
 
-def run_one(study: Path, settings: dict, arm: str, seed: int, uri: str) -> dict:
-    """Pretrain (or continue it) and fine-tune one arm at one seed; the record of the MLflow run."""
+def recorded(uri: str, run_id: str) -> dict:
+    """The run's numbers from MLflow under the benchmark's names."""
     import mlflow
 
+    metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    return {field: metrics.get(key) for key, field in METRICS.items()}
+
+
+def pretrain(study: Path, settings: dict, arm: str, seed: int, uri: str) -> dict:
+    """Pretrain one arm at one seed (or continue it from its checkpoint); the record of its MLflow run."""
     name = f"{study.name}-{arm}-s{seed}"
     log = study / "runs" / f"{arm}-s{seed}.log"
     storage = RESULTS / "ray_results"
-    common = ["--storage-path", str(storage), "--tracking-uri", uri, "--experiment", "quality"]
     if (storage / name).exists():  # stopped half-way: continue from its checkpoint, into the same MLflow run
         out = cli(["pretrain", "--resume", name, "--storage-path", str(storage)], log)
     else:
         out = cli(["pretrain", "--dataset", settings["dataset"], "--preset", settings["preset"],
                    "--max-steps", str(settings["max_steps"]), "--seed", str(seed), *ARMS[arm], "--name", name,
-                   *common, *settings["extra"]], log)
+                   "--storage-path", str(storage), "--tracking-uri", uri, "--experiment", "quality",
+                   *settings["extra"]], log)
     run_id = RUN_ID.search(out).group(1)
-    if settings["finetune_epochs"]:
-        cli(["finetune", run_id, "--epochs", str(settings["finetune_epochs"]), "--batch-size", "128",
-             "--seed", str(seed), "--tracking-uri", uri, "--experiment", "quality"], log)
-    metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
-    return {"arm": arm, "seed": seed, "name": name, "run_id": run_id,
-            **{field: metrics.get(key) for key, field in METRICS.items()}}
+    return {"arm": arm, "seed": seed, "name": name, "run_id": run_id, **recorded(uri, run_id)}
+
+
+def finetune(study: Path, settings: dict, record: dict, uri: str) -> dict:
+    """The short fine-tune of a pretrained run (a child run in MLflow); the record with its numbers."""
+    ft = settings["finetune"]
+    cli(["finetune", record["run_id"], "--epochs", str(ft["epochs"]), "--lr", str(ft["lr"]),
+         "--warmup-epochs", str(ft["warmup_epochs"]), "--layer-decay", str(ft["layer_decay"]),
+         "--batch-size", str(ft["batch_size"]), "--seed", str(record["seed"]), "--tracking-uri", uri,
+         "--experiment", "quality"], study / "runs" / f"{record['arm']}-s{record['seed']}.log")
+    return {**record, **recorded(uri, record["run_id"]), "finetune_settings": ft}
 
 
 def mean_sd(values: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
@@ -137,7 +150,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=180, help="iterations of every run (same for all arms)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--finetune-epochs", type=int, default=2, help="0: no fine-tuning")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="0: no fine-tuning")
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--tracking-uri", default=None, help="[default: sqlite in the study folder]")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     study = RESULTS / f"quality-{args.name or time.strftime('%Y%m%d-%H%M%S')}"
@@ -159,24 +173,32 @@ def main() -> None:
         settings_file.write_text(json.dumps(settings, indent=2) + "\n")
     uri = args.tracking_uri or f"sqlite:///{study / 'mlflow.db'}"
     plan = [(arm, seed) for seed in settings["seeds"] for arm in settings["arms"]]
+    # A short fine-tune from a fresh head: warmup, then a cosine, lower layers damped (MAE's layer decay).
+    settings["finetune"] = {"epochs": settings["finetune_epochs"], "lr": settings["finetune_lr"],
+                            "warmup_epochs": 0.1, "layer_decay": 0.75, "batch_size": 128}
     rows = []
     for k, (arm, seed) in enumerate(plan, 1):
-        record = study / "runs" / f"{arm}-s{seed}.json"
-        if record.is_file():
-            rows.append(json.loads(record.read_text()))
-            print(f"[{k}/{len(plan)}] {arm} seed {seed}: done earlier", flush=True)
-            continue
-        print(f"[{k}/{len(plan)}] {arm} seed {seed}: pretraining ({record.with_suffix('.log')})", flush=True)
-        started = time.perf_counter()
-        row = {**run_one(study, settings, arm, seed, uri), "seconds": time.perf_counter() - started}
-        record.write_text(json.dumps(row, indent=2) + "\n")
+        path = study / "runs" / f"{arm}-s{seed}.json"
+        row = json.loads(path.read_text()) if path.is_file() else None
+        if row is None:
+            print(f"[{k}/{len(plan)}] {arm} seed {seed}: pretraining ({path.with_suffix('.log')})", flush=True)
+            started = time.perf_counter()
+            row = {**pretrain(study, settings, arm, seed, uri), "pretrain_seconds": time.perf_counter() - started}
+            path.write_text(json.dumps(row, indent=2) + "\n")
+            print(f"[{k}/{len(plan)}] {arm} seed {seed}: probe test {100 * row['probe_test']:.1f}%, "
+                  f"Jaccard {row['jaccard']:.3f} | {row['pretrain_seconds'] / 60:.1f} min", flush=True)
+        if settings["finetune_epochs"] and row.get("finetune_settings") != settings["finetune"]:
+            print(f"[{k}/{len(plan)}] {arm} seed {seed}: fine-tuning", flush=True)
+            started = time.perf_counter()
+            row = {**finetune(study, settings, row, uri), "finetune_seconds": time.perf_counter() - started}
+            path.write_text(json.dumps(row, indent=2) + "\n")
+            print(f"[{k}/{len(plan)}] {arm} seed {seed}: fine-tune test {100 * row['finetune_test']:.1f}% | "
+                  f"{row['finetune_seconds'] / 60:.1f} min", flush=True)
         rows.append(row)
-        ft = f", fine-tune {100 * row['finetune_test']:.1f}%" if row["finetune_test"] is not None else ""
-        print(f"[{k}/{len(plan)}] {arm} seed {seed}: probe test {100 * row['probe_test']:.1f}%{ft}, "
-              f"Jaccard {row['jaccard']:.3f} | {row['seconds'] / 60:.1f} min", flush=True)
     table, summary = summarise(rows, settings["arms"], settings["seeds"])
     header = (f"{settings['dataset']} | preset {settings['preset']} | {settings['max_steps']} iterations | "
-              f"seeds {' '.join(map(str, settings['seeds']))} | fine-tune {settings['finetune_epochs']} epochs"
+              f"seeds {' '.join(map(str, settings['seeds']))} | fine-tune {settings['finetune_epochs']} epoch(s) "
+              f"at lr {settings['finetune_lr']:g}"
               f"{' | ' + ' '.join(settings['extra']) if settings['extra'] else ''}")
     (study / "table.md").write_text(f"{header}\n\n{table}\n")
     (study / "summary.json").write_text(json.dumps({"settings": settings, "arms": summary, "runs": rows},

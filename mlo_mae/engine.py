@@ -106,8 +106,7 @@ class MLOEngine:
         self.base_lr = {"mae": o.lr_mae * scale, "head": o.lr_head * scale, "mask": o.lr_mask * scale}
         self.iteration = 0
         self.level_steps = {level: 0 for level in LEVELS}
-        self.measure_paths = False  # set per iteration by ``step`` (costs one more encoder backward)
-        self.path_ratio: float | None = None
+        self.path_ratio: float | None = None  # of the last hypergradient, on the iterations that measure it
 
     # ----- schedule -----
     def unroll(self, level: str) -> int:
@@ -224,6 +223,7 @@ class MLOEngine:
         lr_mae, lr_head = self.last_lr("mae"), self.last_lr("head")
         if cfg.hypergradient == "exact":
             virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]  # divided out again
+            self.path_ratio = None
             grads, loss_val = exact_hypergradient(
                 self.mae, self.head, self.masknet, images_mae, batch_head, batch_val,
                 cfg.mask_ratio, virtual_lr, lr_head, cfg.stage1_norm)
@@ -232,12 +232,13 @@ class MLOEngine:
             return grads, loss_val, logits
         f_head, f_val = features if features is not None else self._shared_features(batch_head, batch_val)
         with self._autocast():
+            # The two paths are measured (one more encoder backward) on the iterations the worker logs.
+            measure = (self.iteration + 1) % self.cfg.run.log_every == 0
             direction = hyper_direction(self.mae, self.head, f_head, batch_head[1], f_val, batch_val[1],
-                                        lr_head, self.sync, split=self.measure_paths)
+                                        lr_head, self.sync, split=measure)
             with torch.no_grad(), self.head.frozen_statistics():
                 logits = self.head(f_val.detach())
-        if direction.e_path_norm:
-            self.path_ratio = direction.c_path_norm / direction.e_path_norm
+        self.path_ratio = direction.c_path_norm / direction.e_path_norm if direction.e_path_norm else None
         grads = mixed_product_fd(self.mae, self.masknet, images_mae, direction.w, cfg.mask_ratio, cfg.fd_alpha,
                                  seed, cfg.stage1_norm)
         return grads, direction.loss_val, logits
@@ -296,8 +297,6 @@ class MLOEngine:
         for key in maskings[0]:
             setattr(stats, key, sum(m[key] for m in maskings) / len(maskings))
         if mlo:
-            self.measure_paths = (self.iteration + 1) % self.cfg.run.log_every == 0  # on logged steps
-            self.path_ratio = None
             vals, tops, norms = [], [], []
             for k in range(self.unroll("mask")):
                 if batch_val is None or k > 0:

@@ -85,6 +85,7 @@ def test_per_level_unroll_counts_are_honoured(tiny_cfg):
 def test_every_level_reaches_its_floor_at_the_last_step(tiny_cfg, final_fraction):
     tiny_cfg.optim.final_lr_fraction = final_fraction
     tiny_cfg.optim.warmup_fraction = 0.2
+    tiny_cfg.optim.schedule_head = "cosine"  # (the constant one is checked below)
     total = 5
     engine = MLOEngine(tiny_cfg, 3, total_steps=total)
     seen = {level: [] for level in engine.optimizers}
@@ -153,7 +154,8 @@ def test_sync_hook_sees_every_gradient_before_it_is_used(tiny_cfg):
         "w": [tuple(p.shape) for _, p in engine.mae.encoder_named_parameters()],
         "mask": loss + [tuple(p.shape) for p in engine.masknet.parameters()],
     }
-    assert calls == [shapes["mae"], shapes["mae"], shapes["head"], shapes["u"], shapes["w"], shapes["mask"]]
+    heads = [shapes["head"]] * tiny_cfg.mlo.unroll_head
+    assert calls == [shapes["mae"], shapes["mae"], *heads, shapes["u"], shapes["w"], shapes["mask"]]
 
 
 def test_sync_hook_changes_the_direction_used_for_the_perturbation(tiny_cfg):
@@ -176,6 +178,7 @@ def test_sync_hook_changes_the_direction_used_for_the_perturbation(tiny_cfg):
 def test_constant_head_schedule_holds_its_lr_after_warmup(tiny_cfg):
     tiny_cfg.optim.warmup_fraction = 0.2
     tiny_cfg.optim.schedule_head = "constant"
+    tiny_cfg.mlo.unroll_head = 1
     engine = MLOEngine(tiny_cfg, 3, total_steps=10)
     lrs = [engine.lr("head", s) for s in range(engine.level_total("head"))]
     base = engine.base_lr["head"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import numpy as np
@@ -130,3 +131,18 @@ def test_ray_data_streams_deal_each_epoch_once_resume_exactly_and_match_the_torc
     assert second != streams[0][:10]  # a new epoch, a new order
     assert rows(0, 5, 9) == streams[0][15:27]  # resumed mid-epoch at batch 5
     assert rows(0, 0, 4, seed=spec.seed + 1) != streams[0][:12]
+
+
+def test_stage_two_reads_d_tr_as_evaluated_unless_asked_to_augment(data):
+    """data.augment_head false (the default): Stage II's images are D_tr's eval-transformed images."""
+    augmented = level_specs(data, 16, "pad-crop", seed=0)
+    plain = level_specs(data, 16, "pad-crop", seed=0, augment_head=False)
+    assert augmented["head"].train and not plain["head"].train
+    assert plain["mae"] == augmented["mae"] and plain["mask"] == augmented["mask"]  # the other levels as they were
+    for epoch in (0, 1):
+        batches = loader(data, plain["head"], batch_size=8, shuffle=False)
+        batches.dataset.set_epoch(epoch)
+        seen = torch.cat([x for x, _ in batches])
+        evaluated = torch.cat([x for x, _ in loader(data, dataclasses.replace(plain["mask"], split="train"),
+                                                    batch_size=8, shuffle=False)])
+        assert torch.equal(seen, evaluated)  # no crop, no flip, in any epoch

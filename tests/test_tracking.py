@@ -125,16 +125,22 @@ def test_params_tags_and_per_level_metrics(runs):
     assert tags["version.torch"] == torch.__version__.split("+")[0] or tags["version.torch"] == torch.__version__
     assert Path(tags["mlo_mae.checkpoint"]).parent == runs["cwd"] / "ray_results" / "mlo"
     for key in ("train/loss_mae", "train/loss_head", "train/loss_val", "train/hypergrad_norm", "mask/entropy",
-                "mask/ratio", "lr/mae", "lr/head", "lr/mask", "perf/images_per_s", "perf/data_wait"):
+                "mask/ratio", "mask/saturated", "mask/mean_prob_masked", "lr/mae", "lr/head", "lr/mask",
+                "perf/images_per_s", "perf/data_wait", "hypergrad/path_ratio"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history) == list(range(1, STEPS + 1)), key
+        assert sorted(m.step for m in history) == list(range(1, STEPS + 1)), key  # log_every 1: every step
     assert all(m.value == 0.75 for m in client.get_metric_history(run.info.run_id, "mask/ratio"))
-    evals = client.get_metric_history(run.info.run_id, "eval/val_top1")
-    assert sorted(m.step for m in evals) == [0, 2, 4] and all(0 <= m.value <= 1 for m in evals)
+    for key in ("eval/val_top1", "mask/jaccard", "mask/jaccard_random", "mask/saturated_eval",
+                "mask/mean_prob_masked_eval"):
+        evals = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in evals) == [0, 2, 4] and all(0 <= m.value <= 1 for m in evals), key
+    assert run.data.metrics["mask/jaccard_random"] == pytest.approx(0.601, abs=1e-3)  # 48 of 64 patches
     baseline = client.get_run(runs["ids"]["base"])
     assert baseline.data.tags["mlo_mae.mode"] == "baseline"
-    assert "train/loss_val" not in baseline.data.metrics and "mask/entropy" not in baseline.data.metrics
+    for key in ("train/loss_val", "mask/entropy", "mask/saturated", "mask/saturated_eval", "hypergrad/path_ratio"):
+        assert key not in baseline.data.metrics, key
     assert baseline.data.metrics["mask/ratio"] == 0.75
+    assert abs(baseline.data.metrics["mask/jaccard"] - 0.601) < 0.05  # uniformly random masks
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(runs["cwd"]))
     assert "mask_ratio: 0.75" in Path(config).read_text()
 
@@ -171,6 +177,8 @@ def test_encoder_artifact_loads_into_timm_and_matches_the_checkpoint(runs, tmp_p
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), mae.forward_features(x), atol=1e-5)
         assert model(x).shape == (3, 192)  # num_classes=0: the pooled CLS feature
+        classifier = load_encoder(folder, with_head=True).eval()  # with C, its BatchNorm folded in
+        assert classifier(x).shape == (3, 10)
 
 
 def test_runs_table_lists_the_runs(runs):

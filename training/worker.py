@@ -64,9 +64,10 @@ def data_position(engine: MLOEngine, cfg: config_mod.Config, world: int) -> dict
                        for level in LEVELS}}
 
 
-def evaluation_line(ev, images: int) -> str:
+def evaluation_line(ev) -> str:
     """What an evaluation found, on one line: C's accuracy and whether the masks still differ by image."""
-    line = (f"evaluation at step {ev.step}: D_val sample of {images} images, C top-1 {100 * ev.val_top1:.1f}% "
+    line = (f"evaluation at step {ev.step}: D_val sample of {len(ev.snapshot.labels)} images, "
+            f"C top-1 {100 * ev.val_top1:.1f}% "
             f"(precise BN), loss {ev.val_loss:.4f}")
     if ev.jaccard is not None:
         line += f" | mask Jaccard {ev.jaccard:.2f} (random {ev.random_jaccard:.2f})"
@@ -201,7 +202,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             metrics["evaluated"] = True  # rank 0 adds the numbers; every rank reports at this step
             if recorder is not None:
                 ev = recorder.evaluate()
-                say("log", evaluation_line(ev, len(recorder.labels)))
+                say("log", evaluation_line(ev))
         checkpoint_now = r.checkpoint_every > 0 and done % r.checkpoint_every == 0 and done < total
         if metrics or checkpoint_now:
             report(metrics, checkpoint_now)  # the final checkpoint follows, with the final metrics
