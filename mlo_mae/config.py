@@ -38,7 +38,7 @@ class ModelConfig:
     decoder_depth: int = 2
     decoder_num_heads: int = 4
     mask_hidden_dim: int = 512
-    # T: patch (one small scorer shared by every patch, logits relative within the image) | mlp (the
+    # T: patch (one small scorer shared by every patch, logits standardised within the image) | mlp (the
     # paper's, over the whole flattened image; its masks were measured to collapse to one spatial pattern)
     mask_net: str = "patch"
     mask_centre: bool = False  # mlp only: centre T's input per position and channel by a running mean

@@ -62,16 +62,21 @@ class MaskingNetwork(nn.Module):
 
 class PatchScorer(nn.Module):
     """T as one small MLP applied to every patch embedding alone: Linear(d -> hidden), ReLU,
-    Linear(hidden -> 1), then the image's mean logit is subtracted and a sigmoid applied.
+    Linear(hidden -> 1); the image's logits are then standardised (mean 0, standard deviation
+    ``SPREAD``) before the sigmoid.
 
     Shared across positions, so a patch's score follows its content (and its position
-    embedding); d*hidden weights instead of N*d*hidden. The logits are relative within
-    an image: the top-k choice and the ``sum``-normalised Stage-I weights depend only on
-    them, and a free common level drifts (measured: mean p 0.5 -> 0.01 in 90 iterations,
-    most probabilities "saturated" without any change in the masks).
+    embedding); d*hidden weights instead of N*d*hidden. Only the order of an image's scores
+    (the top-k choice) and their relative sizes (the ``sum``-normalised Stage-I weights)
+    matter, so their level and spread are fixed rather than learned. Measured without it:
+    a free level drifted (mean p 0.5 -> 0.01 in 90 iterations on digits) and a free spread
+    grew until half of the probabilities were below 0.01 or above 0.99 after 500
+    iterations on Fashion-MNIST, where masked patches with p ~ 0 drop out of Stage I and
+    T's gradients vanish. With a spread of 2, about 1% of the scores lie beyond 0.01/0.99.
     """
 
     centre = False
+    SPREAD = 2.0
 
     def __init__(self, embed_dim: int, hidden_dim: int = 512) -> None:
         super().__init__()
@@ -82,7 +87,8 @@ class PatchScorer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, d) embedded patches -> (B, N) masking probabilities."""
         logits = self.fc2(self.act(self.fc1(tokens))).squeeze(-1)
-        return torch.sigmoid(logits - logits.mean(1, keepdim=True))
+        centred = logits - logits.mean(1, keepdim=True)
+        return torch.sigmoid(self.SPREAD * centred / (centred.std(1, keepdim=True) + 1e-6))
 
 
 @dataclass
