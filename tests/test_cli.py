@@ -88,7 +88,7 @@ def test_short_pretrain_trains_saves_and_probes(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert ("1 worker(s) | global batch 16 (= 1 x 16 per worker) | lr scaling 'linear' x1: lr_mae 0.0003, "
-            "lr_head 0.001, lr_mask 0.001") in lines
+            "lr_head 0.01, lr_mask 0.001") in lines
     assert any(line.startswith("step 3/3 | L_I ") and "L_III" in line and "ETA" in line and "img/s" in line
                for line in lines)
     probe = [line for line in lines if line.startswith("linear probe")]

@@ -128,7 +128,7 @@ def test_grace_period_falls_on_an_evaluation():
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    """cpu-smoke, 4 trials one at a time, ASHA on val_loss (val_top1 ties at chance after 12 iterations);
+    """cpu-smoke, 4 trials one at a time, ASHA on val_loss (C's sampled learning rate spreads it);
     SIGINT while the first trial trains past its checkpoint at iteration 6, then --resume."""
     cwd = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{cwd / 'mlflow.db'}"

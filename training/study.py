@@ -228,23 +228,25 @@ class StudyMonitor(ray.tune.Callback):
         value = f"{metric} {last[metric]:.4f}" if metric in last else f"no {metric}"
         self.echo(f"trial {trial_number(trial.trial_id)} {outcome} at iteration {last.get('iteration')}/{total}: "
                   f"{value}")
-        if outcome == "stopped early":
-            self._release_later(trial)
+        self._release_later(trial)
         self._close(trial, "FINISHED", {STOPPED_EARLY_TAG: str(outcome == "stopped early").lower()})
         self._log_best(trials, trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.echo(f"trial {trial_number(trial.trial_id)} failed: {trial_error(trial)}")
+        self._release_later(trial)
         self._close(trial, "FAILED", {})
         self._log_best(trials, trial, "ERROR")
 
     RELEASE_AFTER_S = 15.0  # Tune has ended the trial's process by then; earlier, Train would restart its workers
 
     def _release_later(self, trial) -> None:
-        """A stopped trial's workers keep their placement group: Tune kills the trial's process, and Ray
+        """A trial that Tune ended keeps its workers' placement group: Tune kills the trial's process, and Ray
         Train's cleaner, which should then remove the group, asks the dashboard's state API whether the
-        controller is alive; without a dashboard (``ray[default]``) the group would hold its CPUs for good.
-        So the study removes it, once the trial's process is gone."""
+        controller is alive; without a dashboard (``ray[default]``) the group would hold its CPUs for good
+        and the next trial would wait for them forever. ASHA also stops a trial at its last iteration, so
+        a trial counted as finished may be one Tune ended while it was saving: every ended trial's group
+        is removed once its process is gone, unless Train removed it already."""
         group_id = (trial.last_result or {}).get("placement_group")
         if group_id:
             self.__dict__.setdefault("_to_release", []).append((time.monotonic() + self.RELEASE_AFTER_S, group_id))
