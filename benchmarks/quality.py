@@ -101,8 +101,9 @@ def mean_sd(values: list[float | None], scale: float = 100.0, digits: int = 2) -
     values = [v * scale for v in values if v is not None]
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+    if len(values) == 1:  # one seed has no spread to show
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarise(rows: list[dict], arms: list[str], seeds: list[int]) -> tuple[str, dict]:
