@@ -244,9 +244,9 @@ class StudyMonitor(ray.tune.Callback):
         """A trial that Tune ended keeps its workers' placement group: Tune kills the trial's process, and Ray
         Train's cleaner, which should then remove the group, asks the dashboard's state API whether the
         controller is alive; without a dashboard (``ray[default]``) the group would hold its CPUs for good
-        and the next trial would wait for them forever. ASHA also stops a trial at its last iteration, so
-        a trial counted as finished may be one Tune ended while it was saving: every ended trial's group
-        is removed once its process is gone, unless Train removed it already."""
+        and the next trial would wait for them forever. A trial that reached its last iteration was seen
+        to keep its group too (its process ended before Train removed it; the hang of a resumed study), so
+        every ended trial's group is removed once its process is gone, unless Train removed it already."""
         group_id = (trial.last_result or {}).get("placement_group")
         if group_id:
             self.__dict__.setdefault("_to_release", []).append((time.monotonic() + self.RELEASE_AFTER_S, group_id))
