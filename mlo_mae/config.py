@@ -295,6 +295,22 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text and where, in one line: the construct left open (an unclosed brace
+    on line 2) and the place the parser gave up (line 3), both 1-based."""
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    context, problem = getattr(err, "context", None), getattr(err, "problem", None)
+    if problem is None:
+        return "not valid YAML: " + " ".join(str(err).split())
+    bracket = {"while parsing a flow mapping": "{", "while parsing a flow sequence": "["}.get(context or "")
+    if bracket:
+        return f"not valid YAML: the '{bracket}'{at(err.context_mark)} is not closed ({problem}{at(err.problem_mark)})"
+    opened = f"{context}{at(err.context_mark)}: " if context else ""
+    return f"not valid YAML: {opened}{problem}{at(err.problem_mark)}"
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file, or a built-in recipe by name (``paper``); errors name the file."""
     path = Path(path)
@@ -305,9 +321,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{line} is not valid YAML") from None
+        raise ConfigError(f"{path}: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return data

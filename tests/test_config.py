@@ -48,7 +48,7 @@ def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'mlo.mask_ration'"):
         resolve(f)
     f.write_text("mlo: [1, 2\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: the '\[' at line 1, column 6 is not closed"):
         resolve(f)
     with pytest.raises(ConfigError, match="does not exist"):
         resolve(tmp_path / "missing.yaml")

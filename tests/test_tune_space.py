@@ -55,7 +55,7 @@ def test_grid_multiplies_out(tmp_path):
     ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\nfixed:\n  mlo.mask_ratio: 0.6\n", "both searched and fixed"),
     ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\nfixed:\n  run.max_step: 5\n",
      "fixed: unknown config key 'run.max_step'"),
-    ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]\n", "is not valid YAML"),
+    ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]\n", "not valid YAML: the '{' at line 2, column 19 is not closed"),
 ])
 def test_bad_space_is_one_line_naming_file_and_key(tmp_path, text, needle):
     f = tmp_path / "bad.yaml"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mlo_mae import config as config_mod
-from mlo_mae.config import ConfigError
+from mlo_mae.config import ConfigError, yaml_problem
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 TOP_LEVEL = ("description", "space", "fixed")
@@ -181,8 +181,7 @@ def load_space(name: str | Path) -> SearchSpace:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SpaceError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+        raise SpaceError(f"{path}: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise SpaceError(f"{where}expected a mapping with 'space' (and optionally 'fixed', 'description')")
     for top in data:
