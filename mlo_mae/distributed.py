@@ -6,16 +6,24 @@ functionally, so DDP's hooks would miss it. The engine therefore takes a
 ``sync`` function and calls it wherever ranks must agree (see
 ``MLOEngine._optimizer_step`` and ``hypergradient.hyper_direction``). This
 module provides that function over ``torch.distributed`` (gloo on CPU, NCCL on
-CUDA), and a checksum to prove that replicas stayed identical.
+CUDA; ``no_sync`` for one process), and a checksum to prove that replicas
+stayed identical.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+# What the engine calls wherever ranks must agree: average these tensors over ranks, in place.
+Sync = Callable[[Sequence[torch.Tensor]], None]
+
+
+def no_sync(tensors: Sequence[torch.Tensor]) -> None:
+    """Single process: nothing to average."""
 
 
 def world_size() -> int:

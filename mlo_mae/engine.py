@@ -1,40 +1,40 @@
 """The three-level MLO-MAE engine: one object, one ``step()`` per iteration.
 
-An iteration runs ``unroll_mae`` Stage-I steps on (E, D), ``unroll_head``
-Stage-II steps on C and ``unroll_mask`` Stage-III steps on T (defaults 2/1/1).
-Stage I and II read D_tr, Stage III reads D_val. In baseline mode T is never
-used: masking is uniformly random and Stage III does not run (plain MAE, with
-the head still trained for monitoring).
+Names, as in METHOD.md: E and D the MAE encoder and decoder, C the head, T the
+masking network; D_tr and D_val the two parts of the labelled training set.
+Each level also has a key, its name in configs, checkpoints and metrics
+(``unroll_mae``, ``lr_mask``, ``level_steps["head"]``), kept as it is:
 
-The last Stage-II batch and the Stage-III batch go through the encoder in one
-forward pass; its graph serves the hypergradient direction (see
-``mlo_mae.hypergradient``).
+    level      trains  module    key     reads  loss
+    Stage I    E, D    mae       "mae"   D_tr   L_I: reconstruction, weighted by T
+    Stage II   C       head      "head"  D_tr   L_II: cross-entropy on whole images
+    Stage III  T       masknet   "mask"  D_val  L_val (L_III in the progress line): C's cross-entropy
+
+An iteration runs ``unroll_mae`` Stage-I steps, ``unroll_head`` Stage-II steps
+and ``unroll_mask`` Stage-III steps (see ``MLOConfig``). In baseline mode T is
+never used: masking is uniformly random and Stage III does not run (plain MAE,
+with C still trained for monitoring).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .config import Config, from_dict, lr_scale
+from .distributed import Sync, no_sync
 from .factory import create_models
-from .hypergradient import (
-    Sync,
-    cross_entropy,
-    exact_hypergradient,
-    hyper_direction,
-    mixed_product_fd,
-    no_sync,
-    seeded,
-)
+from .head import cross_entropy
+from .hypergradient import exact_hypergradient, hyper_direction, mixed_product_fd
 from .mask_metrics import mean_entropy, mean_masked_prob, saturated_fraction
 from .masking import random_mask, top_k_mask, weighted_reconstruction_loss
 from .optim import build_adamw, set_lr, warmup_cosine
+from .seeding import seeded, stream_seed
 
 LEVELS = ("mae", "head", "mask")
 LEVEL_NAMES = {"mae": "Stage-I (reconstruction)", "head": "Stage-II (classification)",
@@ -63,6 +63,10 @@ class StepStats:
     lr_mae: float = 0.0
     lr_head: float = 0.0
     lr_mask: float = 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -108,67 +112,64 @@ class MLOEngine:
         self.level_steps = {level: 0 for level in LEVELS}
         self.path_ratio: float | None = None  # of the last hypergradient, on the iterations that measure it
 
-    # ----- schedule -----
-    def unroll(self, level: str) -> int:
-        m = self.cfg.mlo
-        return {"mae": m.unroll_mae, "head": m.unroll_head, "mask": m.unroll_mask}[level]
+    # ----- one iteration -----
+    def step(self, batches: Mapping[str, Iterator[Batch]]) -> StepStats:
+        """One iteration: Stages I, II and III in turn. ``batches`` maps each level key to an
+        endless iterator: 'mae' and 'head' over D_tr, 'mask' over D_val.
 
-    def level_total(self, level: str) -> int:
-        """Optimiser steps this level takes over the whole run (its cosine's length)."""
-        return self.total_steps * self.unroll(level)
-
-    def lr(self, level: str, step: int | None = None) -> float:
-        total = self.level_total(level)
-        warmup = int(round(self.cfg.optim.warmup_fraction * total))
-        step = self.level_steps[level] if step is None else step
-        if level == "head" and self.cfg.optim.schedule_head == "constant":
-            return self.base_lr[level] * min(1.0, (step + 1) / warmup) if warmup else self.base_lr[level]
-        return warmup_cosine(step, total, warmup, self.base_lr[level], self.cfg.optim.final_lr_fraction)
-
-    def last_lr(self, level: str) -> float:
-        """The learning rate of the level's most recent step (its first one before any)."""
-        return self.lr(level, max(self.level_steps[level] - 1, 0))
-
-    def module(self, level: str) -> torch.nn.Module:
-        """What ``level`` trains: E+D, C or T."""
-        return {"mae": self.mae, "head": self.head, "mask": self.masknet}[level]
-
-    def _optimizer_step(self, level: str, loss: torch.Tensor) -> float:
-        """Average loss, gradients and BatchNorm running statistics over ranks (``sync``), check, step.
-
-        The loss travels with the gradients, so every rank sees a NaN or inf on
-        any rank and all of them stop at the same step, before a bad update.
-        Running statistics (the head's) are averaged so that replicas stay
-        identical in every tensor, not only in their parameters.
+        Its randomness (baseline masks, dropout, drop-path) is seeded from (seed, rank,
+        iteration): a resumed or restarted run draws what the uninterrupted one drew.
         """
-        module = self.module(level)
-        loss = loss.detach().float().reshape(1).clone()
-        stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                 for b in (m.running_mean, m.running_var) if b is not None]
-        self.sync([loss] + [p.grad for p in module.parameters() if p.grad is not None] + stats)
-        value = float(loss)
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite {LEVEL_NAMES[level]} loss ({value}) at iteration {self.iteration}")
-        set_lr(self.optimizers[level], self.lr(level))
-        self.optimizers[level].step()
-        self.level_steps[level] += 1
-        return value
+        mlo = not self.cfg.mlo.baseline
+        with seeded(stream_seed("iteration", self.cfg.run.seed, self.rank, self.iteration), self.device):
+            for module in (self.mae, self.head, self.masknet):
+                module.train()
 
-    def _shared_features(self, batch_head: Batch, batch_val: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One encoder pass (with its graph) over a Stage-II and a Stage-III batch."""
-        with self._autocast():
-            both = self.mae.forward_features(torch.cat([batch_head[0], batch_val[0]]))
-        n = len(batch_head[0])
-        return both[:n], both[n:]
+            # Stage I: E, D on D_tr, masked by T (at random in baseline mode). The last batch is the one
+            # whose L_I the hypergradient differentiates.
+            stage1 = []
+            for _ in range(self.unroll("mae")):
+                stage1_images = next(batches["mae"])[0]
+                stage1.append(self.mae_step(stage1_images))
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.run.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            # Stage II: C on D_tr, E fixed; the hypergradient's C path goes through the last batch. With
+            # fd, that batch shares one encoder pass (and its graph) with the first Stage-III batch.
+            share = mlo and self.cfg.mlo.hypergradient == "fd"
+            losses_ii, stage3_batch, shared = [], None, None
+            for j in range(self.unroll("head")):
+                stage2_batch = next(batches["head"])
+                if share and j == self.unroll("head") - 1:
+                    stage3_batch = next(batches["mask"])
+                    shared = self._shared_features(stage2_batch, stage3_batch)
+                    features = shared[0]
+                else:
+                    with torch.no_grad(), self._autocast():
+                        features = self.mae.forward_features(stage2_batch[0])
+                losses_ii.append(self.head_step(features, stage2_batch[1]))
+
+            # Stage III: T on D_val, through the last Stage-I and Stage-II batches.
+            stage3 = []
+            if mlo:
+                for k in range(self.unroll("mask")):
+                    if k > 0 or stage3_batch is None:
+                        stage3_batch, shared = next(batches["mask"]), None
+                    stage3.append(self.mask_step(stage1_images, stage2_batch, stage3_batch, shared))
+
+        # What the iteration measured: each stage's mean over its steps.
+        stats = StepStats(iteration=self.iteration, loss_mae=_mean([loss for loss, _ in stage1]),
+                          loss_head=_mean(losses_ii))
+        for key in stage1[0][1]:
+            setattr(stats, key, _mean([masking[key] for _, masking in stage1]))
+        if stage3:
+            stats.loss_val, stats.val_top1, stats.hypergrad_norm = (_mean(column) for column in zip(*stage3))
+            stats.path_ratio = self.path_ratio
+        self.iteration += 1
+        stats.lr_mae, stats.lr_head, stats.lr_mask = (self.last_lr(level) for level in LEVELS)
+        return stats
 
     # ----- the three stages -----
     def mae_step(self, images: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """One Stage-I step on (E, D); returns the loss and what the mask looked like."""
+        """One Stage-I step on (E, D); returns L_I and what the mask looked like."""
         baseline = self.cfg.mlo.baseline
         ratio = self.cfg.mlo.mask_ratio
         with self._autocast():
@@ -196,122 +197,118 @@ class MLOEngine:
         return self._optimizer_step("mae", loss), masking
 
     def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        """One Stage-II step on C, on encoder features of whole D_tr images (E is fixed here)."""
+        """One Stage-II step on C, on encoder features of whole D_tr images (E is fixed here); returns L_II."""
         with self._autocast():
             loss = cross_entropy(self.head(features.detach()), labels)
         self.optimizers["head"].zero_grad(set_to_none=True)
         loss.backward()
         return self._optimizer_step("head", loss)
 
-    def hypergradient(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
-                      features: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """g_T (T's parameter order), L_val and the D_val logits at the current state.
-
-        A pure function of (state, batches): its randomness is seeded from the run
-        seed and the step counters, and no parameter is modified. ``features``
-        may carry the shared Stage-II/III encoder pass (with its graph).
-        """
-        seed = (self.cfg.run.seed * 1_000_003 + self.iteration * 101 + self.level_steps["mask"]) % (2**62)
-        with seeded(seed, self.device):
-            return self._hypergradient(images_mae, batch_head, batch_val, features, seed)
-
-    def _hypergradient(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
-                       features: tuple[torch.Tensor, torch.Tensor] | None, seed: int,
-                       ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        cfg = self.cfg.mlo
-        lr_mae, lr_head = self.last_lr("mae"), self.last_lr("head")
-        if cfg.hypergradient == "exact":
-            virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]  # divided out again
-            self.path_ratio = None
-            grads, loss_val = exact_hypergradient(
-                self.mae, self.head, self.masknet, images_mae, batch_head, batch_val,
-                cfg.mask_ratio, virtual_lr, lr_head, cfg.stage1_norm)
-            with torch.no_grad(), self.head.frozen_statistics():
-                logits = self.head(self.mae.forward_features(batch_val[0]))
-            return grads, loss_val, logits
-        f_head, f_val = features if features is not None else self._shared_features(batch_head, batch_val)
-        with self._autocast():
-            # The two paths are measured (one more encoder backward) on the iterations the worker logs.
-            measure = (self.iteration + 1) % self.cfg.run.log_every == 0
-            direction = hyper_direction(self.mae, self.head, f_head, batch_head[1], f_val, batch_val[1],
-                                        lr_head, self.sync, split=measure)
-            with torch.no_grad(), self.head.frozen_statistics():
-                logits = self.head(f_val.detach())
-        self.path_ratio = direction.c_path_norm / direction.e_path_norm if direction.e_path_norm else None
-        grads = mixed_product_fd(self.mae, self.masknet, images_mae, direction.w, cfg.mask_ratio, cfg.fd_alpha,
-                                 seed, cfg.stage1_norm)
-        return grads, direction.loss_val, logits
-
-    def mask_step(self, images_mae: torch.Tensor, batch_head: Batch, batch_val: Batch,
+    def mask_step(self, stage1_images: torch.Tensor, stage2_batch: Batch, stage3_batch: Batch,
                   features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float, float]:
         """One Stage-III step on T; returns L_val, D_val top-1 of the batch and ||g_T||."""
-        grads, loss_val, logits = self.hypergradient(images_mae, batch_head, batch_val, features)
+        grads, loss_val, logits = self.hypergradient(stage1_images, stage2_batch, stage3_batch, features)
         params = list(self.masknet.parameters())
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
         value = self._optimizer_step("mask", loss_val)
         norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)))  # of the averaged g_T
-        top1 = float((logits.argmax(-1) == batch_val[1]).float().mean())
+        top1 = float((logits.argmax(-1) == stage3_batch[1]).float().mean())
         return value, top1, norm
 
-    def step(self, batches: Mapping[str, Iterator[Batch]]) -> StepStats:
-        """One iteration. ``batches`` maps 'mae', 'head' (D_tr) and 'mask' (D_val) to endless iterators.
+    def hypergradient(self, stage1_images: torch.Tensor, stage2_batch: Batch, stage3_batch: Batch,
+                      features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """g_T (T's parameter order), L_val and the D_val logits at the current state.
 
-        The step's randomness (baseline masks, dropout) is seeded from (seed, rank,
-        iteration): a resumed or restarted run draws what the uninterrupted one drew,
-        whatever happened to the process-wide generator in between.
+        A pure function of (state, batches): its randomness is seeded from the run seed
+        and the step counters, and no parameter is modified. ``features`` may carry the
+        encoder pass that Stage II shared with Stage III (with its graph).
         """
-        seed = (self.cfg.run.seed * 1_000_033 + self.rank * 7_919 + self.iteration) % 2**62
+        cfg = self.cfg.mlo
+        seed = stream_seed("hypergradient", self.cfg.run.seed, self.iteration, self.level_steps["mask"])
+        lr_mae, lr_head = self.last_lr("mae"), self.last_lr("head")
         with seeded(seed, self.device):
-            return self._step(batches)
+            if cfg.hypergradient == "exact":
+                virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]  # divided out again
+                self.path_ratio = None
+                grads, loss_val = exact_hypergradient(
+                    self.mae, self.head, self.masknet, stage1_images, stage2_batch, stage3_batch,
+                    cfg.mask_ratio, virtual_lr, lr_head, cfg.stage1_norm)
+                with torch.no_grad(), self.head.frozen_statistics():
+                    logits = self.head(self.mae.forward_features(stage3_batch[0]))
+                return grads, loss_val, logits
+            f2, f3 = features if features is not None else self._shared_features(stage2_batch, stage3_batch)
+            with self._autocast():
+                # The two paths are measured (one more encoder backward) on the iterations the worker logs.
+                measure = (self.iteration + 1) % self.cfg.run.log_every == 0
+                direction = hyper_direction(self.mae, self.head, f2, stage2_batch[1], f3, stage3_batch[1],
+                                            lr_head, self.sync, split=measure)
+                with torch.no_grad(), self.head.frozen_statistics():
+                    logits = self.head(f3.detach())
+            self.path_ratio = direction.c_path_norm / direction.e_path_norm if direction.e_path_norm else None
+            grads = mixed_product_fd(self.mae, self.masknet, stage1_images, direction.w, cfg.mask_ratio,
+                                     cfg.fd_alpha, seed, cfg.stage1_norm)
+        return grads, direction.loss_val, logits
 
-    def _step(self, batches: Mapping[str, Iterator[Batch]]) -> StepStats:
-        for module in (self.mae, self.head, self.masknet):
-            module.train()
-        mlo = not self.cfg.mlo.baseline
-        losses_mae, maskings = [], []
-        for _ in range(self.unroll("mae")):
-            images_mae = next(batches["mae"])[0]
-            loss, masking = self.mae_step(images_mae)
-            losses_mae.append(loss)
-            maskings.append(masking)
+    # ----- schedule -----
+    def unroll(self, level: str) -> int:
+        m = self.cfg.mlo
+        return {"mae": m.unroll_mae, "head": m.unroll_head, "mask": m.unroll_mask}[level]
 
-        losses_head = []
-        shared = None
-        batch_head = batch_val = None
-        for j in range(self.unroll("head")):
-            batch_head = next(batches["head"])
-            if mlo and j == self.unroll("head") - 1 and self.cfg.mlo.hypergradient == "fd":
-                # Stage II's last batch shares its encoder pass with Stage III's first.
-                batch_val = next(batches["mask"])
-                shared = self._shared_features(batch_head, batch_val)
-                features = shared[0]
-            else:
-                with torch.no_grad(), self._autocast():
-                    features = self.mae.forward_features(batch_head[0])
-            losses_head.append(self.head_step(features, batch_head[1]))
+    def level_total(self, level: str) -> int:
+        """Optimiser steps this level takes over the whole run (its cosine's length)."""
+        return self.total_steps * self.unroll(level)
 
-        stats = StepStats(iteration=self.iteration, loss_mae=sum(losses_mae) / len(losses_mae),
-                          loss_head=sum(losses_head) / len(losses_head))
-        for key in maskings[0]:
-            setattr(stats, key, sum(m[key] for m in maskings) / len(maskings))
-        if mlo:
-            vals, tops, norms = [], [], []
-            for k in range(self.unroll("mask")):
-                if batch_val is None or k > 0:
-                    batch_val, shared = next(batches["mask"]), None
-                loss_val, top1, norm = self.mask_step(images_mae, batch_head, batch_val, shared)
-                vals.append(loss_val)
-                tops.append(top1)
-                norms.append(norm)
-            stats.loss_val = sum(vals) / len(vals)
-            stats.val_top1 = sum(tops) / len(tops)
-            stats.hypergrad_norm = sum(norms) / len(norms)
-            stats.path_ratio = self.path_ratio
-        self.iteration += 1
-        stats.lr_mae, stats.lr_head, stats.lr_mask = (self.last_lr(level) for level in LEVELS)
-        return stats
+    def lr(self, level: str, step: int | None = None) -> float:
+        total = self.level_total(level)
+        warmup = int(round(self.cfg.optim.warmup_fraction * total))
+        step = self.level_steps[level] if step is None else step
+        if level == "head" and self.cfg.optim.schedule_head == "constant":
+            return self.base_lr[level] * min(1.0, (step + 1) / warmup) if warmup else self.base_lr[level]
+        return warmup_cosine(step, total, warmup, self.base_lr[level], self.cfg.optim.final_lr_fraction)
+
+    def last_lr(self, level: str) -> float:
+        """The learning rate of the level's most recent step (its first one before any)."""
+        return self.lr(level, max(self.level_steps[level] - 1, 0))
+
+    # ----- shared by the stages -----
+    def module(self, level: str) -> torch.nn.Module:
+        """What ``level`` trains: E+D, C or T."""
+        return {"mae": self.mae, "head": self.head, "mask": self.masknet}[level]
+
+    def _optimizer_step(self, level: str, loss: torch.Tensor) -> float:
+        """Average loss, gradients and BatchNorm running statistics over ranks (``sync``), check, step.
+
+        The loss travels with the gradients, so every rank sees a NaN or inf on
+        any rank and all of them stop at the same step, before a bad update.
+        Running statistics (C's) are averaged so that replicas stay identical
+        in every tensor, not only in their parameters.
+        """
+        module = self.module(level)
+        loss = loss.detach().float().reshape(1).clone()
+        stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 for b in (m.running_mean, m.running_var) if b is not None]
+        self.sync([loss] + [p.grad for p in module.parameters() if p.grad is not None] + stats)
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"non-finite {LEVEL_NAMES[level]} loss ({value}) at iteration {self.iteration}")
+        set_lr(self.optimizers[level], self.lr(level))
+        self.optimizers[level].step()
+        self.level_steps[level] += 1
+        return value
+
+    def _shared_features(self, stage2_batch: Batch, stage3_batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder pass (with its graph) over a Stage-II and a Stage-III batch."""
+        with self._autocast():
+            both = self.mae.forward_features(torch.cat([stage2_batch[0], stage3_batch[0]]))
+        n = len(stage2_batch[0])
+        return both[:n], both[n:]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.run.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # ----- checkpointable state -----
     def state_dict(self) -> dict[str, Any]:

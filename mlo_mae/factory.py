@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from .config import ModelConfig
 from .head import ClassificationHead
 from .mae import MaskedAutoencoderViT
@@ -17,9 +15,6 @@ class Models:
     mae: MaskedAutoencoderViT  # E and D
     head: ClassificationHead  # C
     masknet: MaskingNetwork | PatchScorer  # T
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"mae": self.mae, "head": self.head, "masknet": self.masknet}
 
 
 def create_mae(cfg: ModelConfig) -> MaskedAutoencoderViT:

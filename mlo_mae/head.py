@@ -19,7 +19,13 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """C's loss (L_II on D_tr, L_val on D_val) in at least fp32: bf16 logits are upcast, fp64 stays fp64."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
 
 
 class ClassificationHead(nn.Module):

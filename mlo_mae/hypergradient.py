@@ -1,7 +1,8 @@
-"""The hypergradient of the Stage-III loss with respect to the masking network T.
+"""The hypergradient of the Stage-III loss L_val with respect to the masking network T.
 
-Model of one iteration (one-step unrolling, identity in place of the inverse
-Hessians, as DARTS). With the learning rates eta_E (Stage I) and eta_C
+Names as in METHOD.md: E, D, C, T; L_I, L_II, L_val the losses of Stages I, II
+and III. Model of one iteration (one-step unrolling, identity in place of the
+inverse Hessians, as DARTS). With the learning rates eta_E (Stage I) and eta_C
 (Stage II) in force at this step and plain SGD as the linearised inner step:
 
     E'(T)  = E - eta_E * dL_I(E, T)/dE
@@ -13,20 +14,19 @@ What T's optimiser receives as ``T.grad`` is
 
     g_T = (d L_val / dT) / eta_E = - d2L_I/(dT dE) . w
 
-Sign convention: ``g_T`` points uphill on the validation loss, so the
-optimiser's descent step lowers L_val. Both paths from T to L_val are kept:
-directly through E (the ``v`` term) and through the head trained on E (the
-``- eta_C H u`` term). eta_C enters inside w, where it weighs the two paths
-against each other. eta_E is a positive factor common to all of g_T and is
-divided out: AdamW on T is blind to a constant scale except through its
-epsilon, which a factor ~1e-4 would make dominant, and at the schedule's last
-step (eta_E = 0) T would get no signal at all.
+Sign convention: ``g_T`` points uphill on L_val, so the optimiser's descent
+step lowers L_val. Both paths from T to L_val are kept: directly through E (the
+``v`` term) and through C trained on E (the ``- eta_C H u`` term). eta_C enters
+inside w, where it weighs the two paths against each other. eta_E is a positive
+factor common to all of g_T and is divided out: AdamW on T is blind to a
+constant scale except through its epsilon, which a factor ~1e-4 would make
+dominant, and at the schedule's last step (eta_E = 0) T would get no signal.
 
 Cost (``fd`` mode, the default):
-- ``w`` is computed exactly and in ONE encoder backward: u needs only the
-  head; ``H u`` is the E-gradient of <dL_II/dC, u>, whose C-gradient graph
-  lives in the head alone; so ``L_val - eta_C <dL_II/dC, u>`` is backpropagated
-  once through the encoder pass that Stage II and III share.
+- ``w`` is computed exactly and in ONE encoder backward: u needs only C;
+  ``H u`` is the E-gradient of <dL_II/dC, u>, whose C-gradient graph lives in C
+  alone; so ``L_val - eta_C <dL_II/dC, u>`` is backpropagated once through the
+  encoder pass that Stages II and III share.
 - ``d2L_I/(dT dE) . w`` is ONE central difference. T only weights the
   per-patch errors and sees the patch embeddings as a stop-gradient input, so
       dL_I/dT (E +- eps w) = sum_i dp_i/dT * m_i * err_i(E +- eps w) / K
@@ -39,41 +39,27 @@ Cost (``fd`` mode, the default):
 ``exact`` mode instead differentiates through a virtual SGD step from the
 current state with double backward; it is for small models and for tests.
 
-For data parallelism, ``sync`` (all-reduce-mean of a list of tensors, in place)
-is applied to u before ``H u`` and to w before the perturbation, so every rank
-perturbs by the same global direction; g_T is synced by the caller.
+For data parallelism, ``sync`` (see ``mlo_mae.distributed``) is applied to u
+before ``H u`` and to w before the perturbation, so every rank perturbs by the
+same global direction; g_T is synced by the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .head import ClassificationHead
+from .distributed import Sync, no_sync
+from .head import ClassificationHead, cross_entropy
 from .mae import MaskedAutoencoderViT
 from .masking import top_k_mask, weighted_reconstruction_loss
-
-Sync = Callable[[Sequence[torch.Tensor]], None]
-
-
-def no_sync(tensors: Sequence[torch.Tensor]) -> None:
-    """Single process: nothing to average."""
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with RNG seeded by ``seed`` and leave the global RNG as it was."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+from .seeding import seeded
 
 
 def _fp32_exactly(device: torch.device) -> contextlib.AbstractContextManager:
@@ -86,11 +72,6 @@ def _fp32_exactly(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in at least fp32 (bf16 logits are upcast, fp64 stays fp64)."""
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
-
-
 @dataclass
 class Direction:
     """w (E's parameter order) and L_val; with ``split``, also the size of each path in w."""
@@ -98,39 +79,40 @@ class Direction:
     w: list[torch.Tensor]
     loss_val: torch.Tensor
     e_path_norm: float | None = None  # ||v||: T -> E -> L_val
-    c_path_norm: float | None = None  # ||eta_C H u||: T -> E -> C*(E) -> L_val
+    c_path_norm: float | None = None  # ||eta_C H u||: T -> E -> C'(E) -> L_val
 
 
 def hyper_direction(
     mae: MaskedAutoencoderViT,
     head: ClassificationHead,
-    features_head: torch.Tensor,
-    labels_head: torch.Tensor,
-    features_val: torch.Tensor,
-    labels_val: torch.Tensor,
+    stage2_features: torch.Tensor,
+    stage2_labels: torch.Tensor,
+    stage3_features: torch.Tensor,
+    stage3_labels: torch.Tensor,
     lr_head: float,
     sync: Sync = no_sync,
     split: bool = False,
 ) -> Direction:
-    """w = v - eta_C * d2L_II/(dE dC) . u, in E's parameter order; also returns L_val.
+    """w = v - eta_C * d2L_II/(dE dC) . u, in E's parameter order (``lr_head`` is eta_C); also L_val.
 
-    ``features_*`` are encoder outputs of whole images that still carry their
-    autograd graph to E (one shared forward, see the module docstring). ``split``
-    takes the two paths in two encoder backwards instead of one, to measure them.
+    The features are encoder outputs of whole images (a Stage-II batch of D_tr,
+    a Stage-III batch of D_val) that still carry their autograd graph to E (one
+    shared forward, see the module docstring). ``split`` takes the two paths in
+    two encoder backwards instead of one, to measure them.
     """
-    head_params = [p for p in head.parameters() if p.requires_grad]
-    enc_params = [p for _, p in mae.encoder_named_parameters()]
+    c_params = [p for p in head.parameters() if p.requires_grad]
+    e_params = [p for _, p in mae.encoder_named_parameters()]
 
     def grad_e(output: torch.Tensor, retain: bool) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(output, enc_params, allow_unused=True, retain_graph=retain)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, enc_params)]
+        grads = torch.autograd.grad(output, e_params, allow_unused=True, retain_graph=retain)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, e_params)]
 
     with head.frozen_statistics():
-        loss_val = cross_entropy(head(features_val), labels_val)
-        u = list(torch.autograd.grad(loss_val, head_params, retain_graph=True))
+        loss_val = cross_entropy(head(stage3_features), stage3_labels)
+        u = list(torch.autograd.grad(loss_val, c_params, retain_graph=True))
         sync(u)
-        loss_head = cross_entropy(head(features_head), labels_head)
-    grad_c = torch.autograd.grad(loss_head, head_params, create_graph=True)
+        loss_ii = cross_entropy(head(stage2_features), stage2_labels)
+    grad_c = torch.autograd.grad(loss_ii, c_params, create_graph=True)
     hu_potential = sum((g * ui).sum() for g, ui in zip(grad_c, u))
     if not split:
         w = grad_e(loss_val - lr_head * hu_potential, retain=False)
@@ -150,15 +132,15 @@ def _norm(tensors: Sequence[torch.Tensor]) -> float:
 def mixed_product_fd(
     mae: MaskedAutoencoderViT,
     masknet: nn.Module,
-    images: torch.Tensor,
+    stage1_images: torch.Tensor,
     w: Sequence[torch.Tensor],
     mask_ratio: float,
     alpha: float = 0.01,
     seed: int = 0,
     norm: str = "count",
 ) -> list[torch.Tensor]:
-    """g_T = - d2L_I/(dT dE) . w by one central difference at E +- eps*w."""
-    device = images.device
+    """g_T = - d2L_I/(dT dE) . w by one central difference at E +- eps*w, on a Stage-I batch."""
+    device = stage1_images.device
     names, params = zip(*mae.encoder_named_parameters())
     w_norm = torch.sqrt(sum((wi.float() ** 2).sum() for wi in w))
     t_params = [p for p in masknet.parameters()]
@@ -167,7 +149,7 @@ def mixed_product_fd(
     eps = alpha / w_norm.item()
     with _fp32_exactly(device):
         with torch.no_grad():
-            tokens = mae.embed_patches(images)  # T's input at the unperturbed E
+            tokens = mae.embed_patches(stage1_images)  # T's input at the unperturbed E
         probs = masknet(tokens)  # the only graph built here: T's
         mask = top_k_mask(probs, mask_ratio)
         with torch.no_grad():
@@ -175,7 +157,7 @@ def mixed_product_fd(
             for sign in (1.0, -1.0):
                 moved = {n: p + (sign * eps) * wi.to(p.dtype) for n, p, wi in zip(names, params, w)}
                 with seeded(seed, device):
-                    errors.append(functional_call(mae, moved, (images, mask.ids_keep, mask.ids_restore)))
+                    errors.append(functional_call(mae, moved, (stage1_images, mask.ids_keep, mask.ids_restore)))
             delta = (errors[0] - errors[1]) / (2.0 * eps)
     surrogate = weighted_reconstruction_loss(delta, mask.mask, probs, norm)
     grads = torch.autograd.grad(surrogate, t_params)
@@ -186,9 +168,9 @@ def exact_hypergradient(
     mae: MaskedAutoencoderViT,
     head: ClassificationHead,
     masknet: nn.Module,
-    images: torch.Tensor,
-    batch_head: tuple[torch.Tensor, torch.Tensor],
-    batch_val: tuple[torch.Tensor, torch.Tensor],
+    stage1_images: torch.Tensor,
+    stage2_batch: tuple[torch.Tensor, torch.Tensor],
+    stage3_batch: tuple[torch.Tensor, torch.Tensor],
     mask_ratio: float,
     lr_mae: float,
     lr_head: float,
@@ -197,28 +179,28 @@ def exact_hypergradient(
     """g_T = (d L_val(E', C'(E')) / dT) / eta_E through one virtual SGD step of E and C.
 
     Double backward; uses the math attention kernel, the only one with a second
-    derivative. ``lr_mae`` must be positive here (it is the virtual step).
+    derivative. ``lr_mae`` (eta_E) must be positive here (it is the virtual step).
     """
-    enc = dict(mae.encoder_named_parameters())
-    dec = {n: p for n, p in mae.named_parameters() if n not in enc}
+    e_params = dict(mae.encoder_named_parameters())
+    d_params = {n: p for n, p in mae.named_parameters() if n not in e_params}
     c_params = dict(head.named_parameters())
     t_params = list(masknet.parameters())
     with sdpa_kernel(SDPBackend.MATH), head.frozen_statistics():
-        tokens = mae.embed_patches(images).detach()
+        tokens = mae.embed_patches(stage1_images).detach()
         probs = masknet(tokens)
         mask = top_k_mask(probs, mask_ratio)
-        errors = mae(images, mask.ids_keep, mask.ids_restore)
-        loss_mae = weighted_reconstruction_loss(errors, mask.mask, probs, norm)
-        grads_e = torch.autograd.grad(loss_mae, list(enc.values()), create_graph=True, allow_unused=True)
-        enc_next = {n: p if g is None else p - lr_mae * g for (n, p), g in zip(enc.items(), grads_e)}
-        enc_next.update(dec)
+        errors = mae(stage1_images, mask.ids_keep, mask.ids_restore)
+        loss_i = weighted_reconstruction_loss(errors, mask.mask, probs, norm)
+        grads_e = torch.autograd.grad(loss_i, list(e_params.values()), create_graph=True, allow_unused=True)
+        e_next = {n: p if g is None else p - lr_mae * g for (n, p), g in zip(e_params.items(), grads_e)}
+        e_next.update(d_params)
 
-        feats_head = functional_call(mae, enc_next, (batch_head[0],))
-        loss_head = cross_entropy(functional_call(head, c_params, (feats_head,)), batch_head[1])
-        grads_c = torch.autograd.grad(loss_head, list(c_params.values()), create_graph=True)
+        stage2_features = functional_call(mae, e_next, (stage2_batch[0],))
+        loss_ii = cross_entropy(functional_call(head, c_params, (stage2_features,)), stage2_batch[1])
+        grads_c = torch.autograd.grad(loss_ii, list(c_params.values()), create_graph=True)
         c_next = {n: p - lr_head * g for (n, p), g in zip(c_params.items(), grads_c)}
 
-        feats_val = functional_call(mae, enc_next, (batch_val[0],))
-        loss_val = cross_entropy(functional_call(head, c_next, (feats_val,)), batch_val[1])
+        stage3_features = functional_call(mae, e_next, (stage3_batch[0],))
+        loss_val = cross_entropy(functional_call(head, c_next, (stage3_features,)), stage3_batch[1])
         grads_t = torch.autograd.grad(loss_val, t_params)
     return [g / lr_mae for g in grads_t], loss_val.detach()

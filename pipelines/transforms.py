@@ -90,15 +90,3 @@ def transform_batch(batch: dict[str, np.ndarray], *, size: int, train: bool, mod
         rng = np.random.default_rng([seed % 2**63, epoch, row_id]) if train else None
         out[k] = transform_image(data, size, train=train, mode=mode, hflip=hflip, rng=rng)
     return {"image": out, "label": np.asarray(batch["label"], dtype=np.int64), "id": ids}
-
-
-def decode_for_ray(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
-    """``map_batches`` entry point (kept in this torch-free module: Ray's data workers import it).
-
-    Ray Data re-executes a dataset once per epoch and counts executions in its
-    context (FileShuffleConfig reseeds from the same counter): that count is the epoch.
-    """
-    import ray.data
-
-    epoch = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
-    return transform_batch(batch, epoch=epoch, **kwargs)

@@ -39,7 +39,7 @@ def problem(request):
     cfg = tiny_model()
     cfg.mask_net, cfg.mask_centre = net, centre
     models = create_models(cfg, num_classes=3)
-    for m in models.modules().values():
+    for m in (models.mae, models.head, models.masknet):
         m.double().train()
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(6, 3, 8, 8, generator=gen, dtype=torch.float64),

@@ -21,9 +21,8 @@ import ray.util
 import torch
 
 from mlo_mae import config as config_mod
-from mlo_mae.distributed import allreduce_mean, gather_objects, module_digest
+from mlo_mae.distributed import allreduce_mean, gather_objects, module_digest, no_sync
 from mlo_mae.engine import MLOEngine, NonFiniteLossError, resolve_device
-from mlo_mae.hypergradient import no_sync
 from mlo_mae.loop import due, fit, format_progress
 from pipelines.manifest import PreparedDataset, load_prepared
 from pipelines.plan import RankPlan, list_chunks
