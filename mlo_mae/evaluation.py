@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from .engine import MLOEngine
 from .head import ClassificationHead
-from .heatmaps import MaskSnapshot, _EvalMode, snapshot
+from .heatmaps import MaskSnapshot, snapshot
 from .mask_metrics import mean_masked_prob, mean_pairwise_jaccard, random_jaccard, saturated_fraction
 from .masking import num_masked
+from .modes import eval_mode
 
 Normalize = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,7 +56,7 @@ def precise_head(engine: MLOEngine, train_images: torch.Tensor, normalize: Norma
     """A copy of C in eval mode whose BatchNorm statistics are those of the current encoder's CLS
     features on ``train_images`` (uint8, a fixed D_tr sample)."""
     labels = torch.zeros(len(train_images), dtype=torch.long)
-    with _EvalMode(engine.mae):
+    with eval_mode(engine.mae):
         cls = torch.cat([engine.mae.forward_features(x)[:, 0] for _, x, _ in
                          _batches(train_images, labels, normalize, batch_size)])
     head = copy.deepcopy(engine.head)
@@ -70,7 +71,7 @@ def evaluate(engine: MLOEngine, images: torch.Tensor, labels: torch.Tensor, norm
     for C's statistics; ``normalize`` makes model inputs of them."""
     head = precise_head(engine, train_images, normalize, batch_size)
     correct, loss, parts = 0, 0.0, []
-    with _EvalMode(engine.mae, engine.masknet):
+    with eval_mode(engine.mae, engine.masknet):
         for i, x, y in _batches(images, labels, normalize, batch_size):
             logits = head(engine.mae.forward_features(x)).float()
             correct += int((logits.argmax(-1) == y).sum())

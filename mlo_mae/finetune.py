@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .export import timm_vit_kwargs
+from .modes import eval_mode
 from .optim import warmup_cosine
 
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -135,20 +136,16 @@ def param_groups(model: VisionTransformer, weight_decay: float, layer_decay: flo
 def evaluate(model: nn.Module, batches: Batches, device: torch.device | str) -> float:
     """Top-1 accuracy over all samples (not a mean of batch means), in eval mode, without grad.
 
-    The model's previous mode is restored afterwards.
+    The model's previous modes (each submodule's own) are restored afterwards.
     """
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = 0
-    try:
+    with eval_mode(model):
         for images, labels in batches:
             logits = model(images.to(device, non_blocking=True))
             correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()
             count += labels.numel()
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("evaluate: the split yielded no samples")
     return correct.item() / count

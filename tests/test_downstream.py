@@ -83,3 +83,49 @@ def test_without_test_nothing_reads_it(digits, small_cfg):
     images, labels = eval_sample(data, small_cfg)
     assert set(data.reads) == {"train", "val"}
     assert images.shape == (50, 3, 16, 16) and images.dtype == torch.uint8 and len(labels) == 50
+
+
+def _blobs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.arange(n) % 3
+    centres = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    return centres[labels] + 1.5 * torch.randn(n, 16, generator=gen), labels
+
+
+def test_probe_is_regularised_logistic_regression_solved_single_threaded(monkeypatch):
+    """Against scikit-learn's solver of the same objective (mean cross-entropy + wd/2 |W|^2, bias free) at
+    the chosen strength; the solve runs on one thread and the caller's thread count comes back."""
+    from sklearn.linear_model import LogisticRegression
+
+    from mlo_mae import probe
+
+    gen = torch.Generator().manual_seed(0)
+    train, val, test = _blobs(300, gen), _blobs(200, gen), _blobs(200, gen)
+    threads = []
+    fit = probe._fit
+    monkeypatch.setattr(probe, "_fit", lambda *a, **k: threads.append(torch.get_num_threads()) or fit(*a, **k))
+    torch.set_num_threads(2)
+    result = probe.linear_probe(train, val, lambda: test, 3)
+    assert threads == [1] * len(probe.WEIGHT_DECAYS) and torch.get_num_threads() == 2
+    mean, std = train[0].mean(0), train[0].std(0) + 1e-6
+    reference = LogisticRegression(C=1 / (len(train[1]) * result.weight_decay), tol=1e-10, max_iter=10_000)
+    reference.fit(((train[0] - mean) / std).double().numpy(), train[1].numpy())
+
+    def top1(x, y):
+        return float((reference.predict(((x - mean) / std).double().numpy()) == y.numpy()).mean())
+
+    assert abs(result.val_top1 - top1(*val)) <= 1 / len(val[1])
+    assert abs(result.test_top1 - top1(*test)) <= 1 / len(test[1])
+    assert 0.5 < result.val_top1 < 1.0  # overlapping blobs: neither chance nor trivial
+
+
+def test_features_are_extracted_in_eval_mode_and_each_mode_comes_back(small_cfg):
+    from mlo_mae.probe import extract_features
+
+    mae = create_mae(small_cfg.model).train()
+    mae.blocks[0].attn.eval()  # mixed modes: must come back exactly
+    before = [m.training for m in mae.modules()]
+    seen = []
+    mae.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(module.training or mae.training))
+    feats = extract_features(mae, torch.randn(5, 3, 16, 16), batch_size=2)
+    assert feats.shape == (5, small_cfg.model.embed_dim) and seen == [False] * 3
+    assert [m.training for m in mae.modules()] == before
