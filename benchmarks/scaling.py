@@ -42,7 +42,7 @@ def _cfg(steps: int, batch: int):
 
 def ray_rate(workers: int, steps: int, skip: int, batch: int) -> float:
     """Images/s of the full Ray Train + Ray Data pipeline between step ``skip`` and the last."""
-    from cli import open_dataset
+    from pipelines.catalog import open_dataset
     from training.launch import Launch, run_pretrain
 
     cfg = _cfg(steps, batch)
@@ -63,9 +63,8 @@ def _compute_worker(rank: int, world: int, port: int, steps: int, skip: int, bat
     import torch
     import torch.distributed as dist
 
-    from mlo_mae.distributed import allreduce_mean
+    from mlo_mae.distributed import allreduce_mean, no_sync
     from mlo_mae.engine import MLOEngine
-    from mlo_mae.hypergradient import no_sync
 
     torch.set_num_threads(1)
     if world > 1:

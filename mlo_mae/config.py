@@ -18,8 +18,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A bad config file, key or value; the message is one line meant for the user."""
 
 

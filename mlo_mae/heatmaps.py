@@ -1,7 +1,7 @@
 """What the masking network T learned, drawn as images a researcher reads at a glance.
 
 A :class:`MaskSnapshot` records what T does on a fixed validation sample at one
-training step (probabilities, the hard mask training would use, labels and the
+training step (T's scores p, the hard mask training would use, labels and the
 pictures); the ``render_*`` functions turn one snapshot (or a series) into RGB
 PIL images of fixed pixel sizes, so that images logged at different steps line
 up in a viewer (e.g. MLflow's image comparison) and every colour scale is 0..1.
@@ -33,14 +33,17 @@ from torch import nn
 
 from .mae import MaskedAutoencoderViT
 from .masking import Mask, _mask_from_order, num_masked, top_k_mask
+from .modes import eval_mode
 
 DPI = 100
 MEAN_SIZE = (900, 420)  # render_mean and each render_evolution frame, (width, height) pixels
-PANEL_SIZE = (1000, 330)  # render_panel
+PANEL_SIZE = (760, 800)  # render_panel: nearly square, legible in a 256-pixel thumbnail
+PANEL_ROWS = 2  # rows of (masked, score) image pairs in render_panel
 CLASSES_SIZE = (900, 460)  # render_classes
 STRIP_SIZE = (1200, 180)  # render_evolution's strip
 PROB_CMAP = "magma"  # T's score p (the k highest of an image are masked)
 FREQ_CMAP = "viridis"  # how often a patch is masked
+MASK_TINT = (0.25, 0.5, 0.9)  # render_panel's masked patches
 STRIP_MAX = 12  # most snapshots shown in the evolution strip
 _NORM = Normalize(vmin=0.0, vmax=1.0)  # every colour scale is fixed, so steps compare
 
@@ -51,11 +54,12 @@ class MaskSnapshot:
 
     step: int
     grid: tuple[int, int]  # patch grid (rows, cols)
-    probs: torch.Tensor  # (B, N) float32 masking probability per patch
+    probs: torch.Tensor  # (B, N) float32 T's score p per patch (the k highest of an image are masked)
     masks: torch.Tensor  # (B, N) float32 0/1, the patches training would mask
     labels: torch.Tensor  # (B,) int64
     images: torch.Tensor  # (B, H, W, 3) uint8 for display (already de-normalised by the caller)
     baseline: bool
+    sample_size: int | None = None  # images summarised when probs/masks hold a mean row (saved history)
 
     def __post_init__(self) -> None:
         """Catch shape mix-ups here rather than as a confusing picture later."""
@@ -72,12 +76,17 @@ class MaskSnapshot:
             raise ValueError(f"images must be uint8, not {self.images.dtype}")
 
     @property
+    def image_count(self) -> int:
+        """How many images the maps are over, as the titles say it."""
+        return self.sample_size if self.sample_size is not None else self.probs.shape[0]
+
+    @property
     def mode(self) -> str:
         """Which method produced the masks, as the figure titles say it."""
         return "baseline MAE" if self.baseline else "MLO-MAE"
 
     def mean_map(self) -> np.ndarray:
-        """(rows, cols) mean probability over the sample: where T wants to mask on average."""
+        """(rows, cols) mean score p over the sample: which patches T ranks high on average."""
         return self.probs.double().mean(0).reshape(self.grid).numpy()
 
     def mask_frequency(self) -> np.ndarray:
@@ -85,25 +94,10 @@ class MaskSnapshot:
         return self.masks.double().mean(0).reshape(self.grid).numpy()
 
     def class_maps(self, max_classes: int = 10) -> dict[int, np.ndarray]:
-        """Per-class mean probability for the first ``max_classes`` class ids present (sorted):
+        """Per-class mean score p for the first ``max_classes`` class ids present (sorted):
         whether T masks differently for different content."""
         ids = sorted(set(self.labels.tolist()))[:max_classes]
         return {c: self.probs[self.labels == c].double().mean(0).reshape(self.grid).numpy() for c in ids}
-
-
-class _EvalMode:
-    """Puts modules (every submodule) in eval mode and restores each one's own previous mode."""
-
-    def __init__(self, *modules: nn.Module | None) -> None:
-        self.saved = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
-
-    def __enter__(self) -> None:
-        for m, _ in self.saved:
-            m.training = False
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.saved:
-            m.training = mode
 
 
 def seeded_random_mask(batch: int, num_patches: int, mask_ratio: float, seed: int) -> Mask:
@@ -121,7 +115,7 @@ def snapshot(mae: MaskedAutoencoderViT, masknet: nn.Module | None, images: torch
 
     images: normalised model input (B,C,H,W) on the model's device; display: (B,H,W,3) uint8.
     MLO: probs = masknet(mae.embed_patches(images)), masks = top_k_mask(probs, ratio).mask.
-    Baseline (masknet may be None): every patch has probability k/N (k = num_masked(N, ratio)) and
+    Baseline (masknet may be None): every patch has score k/N (k = num_masked(N, ratio)) and
     the masks are uniformly random, drawn from a generator seeded with ``seed`` (the global RNG is
     untouched). Modules run in eval mode and get their previous train/eval modes back.
     """
@@ -135,7 +129,7 @@ def snapshot(mae: MaskedAutoencoderViT, masknet: nn.Module | None, images: torch
     else:
         if masknet is None:
             raise ValueError("an MLO snapshot needs the masking network")
-        with _EvalMode(mae, masknet):
+        with eval_mode(mae, masknet):
             probs = masknet(mae.embed_patches(images))
         masks = top_k_mask(probs, mask_ratio).mask
     return MaskSnapshot(step=int(step), grid=grid, probs=probs.detach().float().cpu(),
@@ -167,6 +161,7 @@ def _to_image(fig: Figure, size: tuple[int, int], axes: dict[str, Axes | list[Ax
         e = ax.get_window_extent()
         return (round(e.x0), round(height - e.y1), round(e.x1), round(height - e.y0))
 
+    image.info["title"] = fig.get_suptitle()  # what the figure says, for a test to read back
     image.info["axes_px"] = {name: [box(a) for a in v] if isinstance(v, list) else box(v)
                              for name, v in axes.items()}
     if not keep:
@@ -218,7 +213,7 @@ def _masked_count(snap: MaskSnapshot) -> str:
 
 
 def _mean_title(snap: MaskSnapshot) -> str:
-    return (f"{snap.mode} · step {snap.step}   ({snap.probs.shape[0]} images, "
+    return (f"{snap.mode} · step {snap.step}   ({snap.image_count} images, "
             f"{_masked_count(snap)} patches masked each)")
 
 
@@ -242,7 +237,7 @@ def _mean_figure(snap: MaskSnapshot) -> tuple[Figure, dict[str, Axes], list]:
 # ----------------------------------------------------------------------------- public renders
 
 def render_mean(snap: MaskSnapshot) -> Image.Image:
-    """Where T masks: the mean probability map beside how often each patch is actually masked.
+    """Where T masks: the mean score map beside how often each patch is actually masked.
 
     Both on a fixed 0..1 scale so that images from different steps compare. ``MEAN_SIZE`` pixels;
     ``info["axes_px"]`` holds the boxes of the "mean" and "frequency" heatmaps.
@@ -252,36 +247,40 @@ def render_mean(snap: MaskSnapshot) -> Image.Image:
 
 
 def render_panel(snap: MaskSnapshot, count: int = 8, class_names: list[str] | None = None) -> Image.Image:
-    """Individual images: top row the masked patches greyed out, bottom row T's probability overlaid.
+    """Individual images: the patches actually masked tinted blue, and under each image T's score p.
 
-    Shows whether T follows the content (objects, edges) rather than a fixed position.
+    Shows whether T follows the content (objects, edges) rather than a fixed position, and that the
+    masked set is each image's k highest scores, not the patches whose p is near 1. The images sit
+    in ``PANEL_ROWS`` rows of (masked, score) pairs so that the figure is nearly square: MLflow's
+    image cards show a 256-pixel thumbnail, where a single long row would be a sliver.
     At most ``count`` images; ``PANEL_SIZE`` pixels; ``info["axes_px"]`` holds the "masked" and
-    "probability" rows (lists of boxes, one per image).
+    "probability" axes (lists of boxes, one per image).
     """
     rows, cols = snap.grid
     shown = max(0, min(count, snap.probs.shape[0]))
     fig = _figure(PANEL_SIZE)
-    fig.suptitle(f"{snap.mode} · step {snap.step}: masked patches, the k highest scores (top); T's score p (bottom)",
-                 fontsize=11)
+    fig.suptitle(f"{snap.mode} · step {snap.step}\nblue: the {_masked_count(snap)} patches masked "
+                 "(each image's highest scores); colour below: T's score p", fontsize=11)
     if shown == 0:
         fig.text(0.5, 0.5, "no images", ha="center", va="center")
         return _to_image(fig, PANEL_SIZE, {})
-    # Always ``count`` columns (spares left blank) so that every panel has the same layout.
-    all_axes = np.asarray(fig.subplots(2, max(count, shown), squeeze=False))
-    for ax in all_axes[:, shown:].ravel():
+    # Always room for ``count`` images (spares left blank) so that every panel has the same layout.
+    per_row = math.ceil(max(count, shown) / PANEL_ROWS)
+    grid_axes = np.asarray(fig.subplots(2 * PANEL_ROWS, per_row, squeeze=False))
+    masked = [grid_axes[2 * (i // per_row), i % per_row] for i in range(shown)]
+    scored = [grid_axes[2 * (i // per_row) + 1, i % per_row] for i in range(shown)]
+    for ax in set(grid_axes.ravel()) - set(masked) - set(scored):
         ax.set_axis_off()
-    axes = all_axes[:, :shown]
     extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)  # pixels and patch grid cover the same square
     shade = np.zeros((rows, cols, 4))
-    shade[..., :3] = 0.12
+    shade[..., :3] = MASK_TINT  # a colour, not a dark grey: masked background must show on black digits too
     cmap = colormaps[PROB_CMAP]
-    for i in range(shown):
+    for i, (top, bottom) in enumerate(zip(masked, scored, strict=True)):
         picture = _upscaled(snap.images[i].numpy())
         mask = snap.masks[i].reshape(rows, cols).numpy()
         prob = snap.probs[i].reshape(rows, cols).numpy()
-        top, bottom = axes[0, i], axes[1, i]
         top.imshow(picture, extent=extent, interpolation="antialiased")
-        shade[..., 3] = 0.8 * mask
+        shade[..., 3] = 0.75 * mask
         top.imshow(shade.copy(), extent=extent, interpolation="nearest")
         bottom.imshow(picture, extent=extent, interpolation="antialiased")
         bottom.imshow(cmap(_NORM(prob)), extent=extent, interpolation="nearest", alpha=0.6)
@@ -289,14 +288,15 @@ def render_panel(snap: MaskSnapshot, count: int = 8, class_names: list[str] | No
             ax.set_xticks([])
             ax.set_yticks([])
         bottom.set_xlabel(_short(_class_name(int(snap.labels[i]), class_names)), fontsize=9)
-    axes[0, 0].set_ylabel("masked", fontsize=9)
-    axes[1, 0].set_ylabel("score p", fontsize=9)
-    _colorbar(fig, all_axes.ravel().tolist(), PROB_CMAP, "T's score p")
-    return _to_image(fig, PANEL_SIZE, {"masked": list(axes[0]), "probability": list(axes[1])})
+    for r in range(0, min(2 * PANEL_ROWS, 2 * math.ceil(shown / per_row)), 2):
+        grid_axes[r, 0].set_ylabel("masked", fontsize=9)
+        grid_axes[r + 1, 0].set_ylabel("score p", fontsize=9)
+    _colorbar(fig, grid_axes.ravel().tolist(), PROB_CMAP, "T's score p (masked: the k highest)")
+    return _to_image(fig, PANEL_SIZE, {"masked": masked, "probability": scored})
 
 
 def render_classes(snap: MaskSnapshot, class_names: list[str] | None = None, max_classes: int = 10) -> Image.Image:
-    """Mean probability map per class (the first ``max_classes`` present): does T mask by content?
+    """Mean score map per class (the first ``max_classes`` present): does T mask by content?
 
     ``CLASSES_SIZE`` pixels; ``info["axes_px"]["classes"]`` lists one box per class, in class order.
     """
@@ -373,7 +373,7 @@ def render_evolution(snaps: list[MaskSnapshot]) -> tuple[list[Image.Image], Imag
         for ax, i in zip(axes, picks, strict=True):
             _heatmap(ax, snaps[i].mean_map(), PROB_CMAP, ticks=False)
             ax.set_xlabel(f"step {snaps[i].step}", fontsize=8 if len(picks) > 8 else 9)
-        _colorbar(fig, axes.tolist(), PROB_CMAP, "probability")
+        _colorbar(fig, axes.tolist(), PROB_CMAP, "score p")
         strip = _to_image(fig, STRIP_SIZE, {"maps": list(axes)})
     strip.info["steps"] = [snaps[i].step for i in picks]
     return frames, strip

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlo_mae.errors import InputError
+
 FORMAT = "mlo-mae/parquet-v1"
 MANIFEST = "manifest.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A prepared folder that cannot be used; the message is one line for the user."""
 
 

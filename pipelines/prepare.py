@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlo_mae.errors import InputError
+
 from .images import Inspection, inspect_bytes
 from .manifest import FORMAT, MANIFEST, sha256_file
 from .sources import Item, SourceError, inspect_file, open_source
@@ -44,7 +46,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """Preparation refused or stopped; the message is one line for the user."""
 
 

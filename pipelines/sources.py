@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mlo_mae.errors import InputError
+
 from .images import Inspection, inspect_bytes, inspect_pixels
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A source that cannot be read at all; the message is one line for the user."""
 
 

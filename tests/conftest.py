@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny model configuration that runs in milliseconds."""
+"""Shared fixtures: a tiny model configuration that runs in milliseconds, and the session's shared
+components: one MLflow store, one folder for the prepared digits, one Ray cluster."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from typing import Iterator
@@ -12,6 +14,44 @@ import torch
 from mlo_mae.config import Config, ModelConfig, resolve
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def data_dir(tmp_path_factory):
+    """The built-in digits are prepared once per session into a throw-away folder, never ~/.cache."""
+    path = tmp_path_factory.mktemp("data")
+    previous = os.environ.get("MLO_MAE_DATA_DIR")
+    os.environ["MLO_MAE_DATA_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("MLO_MAE_DATA_DIR", None)
+    else:
+        os.environ["MLO_MAE_DATA_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def digits(data_dir):
+    """The built-in digits as a prepared data set (prepared on first use, once per session)."""
+    from pipelines.catalog import open_dataset
+
+    return open_dataset("digits", log=lambda _line: None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One 2-CPU Ray head node for the session, exported as $RAY_ADDRESS: every run a test starts, in this
+    process or in a CLI process, joins it instead of starting a cluster of its own (5-10 s each)."""
+    from cluster import start_head, stop_cluster
+
+    temp = tmp_path_factory.mktemp("ray")
+    address = start_head(temp)
+    os.environ["RAY_ADDRESS"] = address
+    yield {"address": address, "temp": str(temp)}
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    ray.shutdown()
+    stop_cluster(str(temp))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,6 +66,36 @@ def mlflow_store(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@dataclasses.dataclass
+class CliResult:
+    """What ``mlo-mae ARGS`` returned, shaped like ``subprocess.CompletedProcess``."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli_run(capsys, monkeypatch):
+    """``mlo-mae ARGS`` in this process (no interpreter start, no new Ray connection): the command's real
+    entry point with its exit status and output. Tests of exit codes on signals use a real process."""
+    from cli import main
+
+    def run(*args: str, cwd=None) -> CliResult:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
 
 
 def tiny_model() -> ModelConfig:

@@ -1,8 +1,9 @@
 """`mlo-mae pretrain --workers 2` on a real local Ray cluster: identical replicas, a killed worker,
 stop and resume, divergence.
 
-One cluster (``ray start --head``, 2 CPUs) serves every run here through
-``--address``. Every run has the same seed and settings, so every way of
+The session's cluster (``ray start --head``, 2 CPUs, see conftest) serves every
+run here through ``--address``; the runs are real ``mlo-mae`` processes, since
+signals and exit codes are under test. Every run has the same seed and settings, so every way of
 reaching the last iteration (uninterrupted, a worker killed, stopped and
 resumed) must end with the same parameters.
 """
@@ -14,11 +15,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cluster import cluster_pids, processes
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -28,59 +29,9 @@ STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| ")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A 2-CPU Ray head node for this module; its address, or the test fails if it cannot start."""
-    temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    start = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--port", "0",
-                            "--include-dashboard", "false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                           capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stderr
-    found = re.search(r"--address='([^']+)'", start.stdout + start.stderr)
-    assert found, start.stdout
-    CLUSTER["temp"] = str(temp)
-    yield found.group(1)
-    _stop_cluster(str(temp))  # not 'ray stop', which would stop every Ray cluster on the machine
-
-
-CLUSTER: dict[str, str] = {}
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process, from /proc."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            out[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), args)
-    return out
-
-
-def _cluster_pids(temp: str) -> tuple[set[int], set[int]]:
-    """(this cluster's own processes, the workers its raylet started): found by the cluster's temp dir."""
-    procs = _processes()
-    own = {pid for pid, (_, args) in procs.items() if temp in args and pid != os.getpid()}
-    raylets = {pid for pid in own if "raylet/raylet" in procs[pid][1]}
-    return own, {pid for pid, (parent, _) in procs.items() if parent in raylets}
-
-
-def _stop_cluster(temp: str) -> None:
-    own, workers = _cluster_pids(temp)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in own | workers:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        for _ in range(20):
-            if not any(Path(f"/proc/{pid}").exists() for pid in own | workers):
-                return
-            time.sleep(0.5)
+def cluster(ray_cluster):
+    """The session's 2-CPU Ray cluster (a head node of its own processes, see conftest)."""
+    return ray_cluster["address"]
 
 
 def _command(storage: Path, *args: str) -> list[str]:
@@ -96,17 +47,19 @@ def run(address: str, storage: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
-def run_until(address: str, storage: Path, step: int, action, *args: str) -> tuple[int, str, str]:
-    """Start a run, call ``action(process)`` once it has printed ``step``, and wait for it to end."""
+def run_until(address: str, storage: Path, actions: list, *args: str) -> tuple[int, str, str]:
+    """Start a run; ``actions`` is a list of (step, action): each ``action(process)`` is called, in turn,
+    the next time the run prints that step; then wait for the run to end."""
     proc = subprocess.Popen(_command(storage, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(address))
-    lines = []
+    lines, pending = [], list(actions)
     for line in proc.stdout:
         lines.append(line)
         match = STEP_LINE.match(line)
-        if match and int(match.group(1)) == step:
-            action(proc)
-            break
+        if match and pending and int(match.group(1)) == pending[0][0]:
+            pending.pop(0)[1](proc)
+            if not pending:
+                break
     out, err = proc.communicate(timeout=900)
     return proc.returncode, "".join(lines) + out, err
 
@@ -129,11 +82,11 @@ def assert_same_parameters(a: dict, b: dict) -> None:
             assert torch.allclose(tensor.double(), other.double(), rtol=0, atol=1e-6), f"{module}.{key}"
 
 
-def assert_continuous(seen: list[int], resumed_at: int) -> None:
-    """Steps rise by one; after the restart they go on from the checkpoint, none counted past the end."""
+def assert_continuous(seen: list[int], resumed_at: int, last: int = STEPS) -> None:
+    """Steps rise by one; after the restart they go on from the checkpoint, up to ``last``."""
     restart = next(i for i in range(1, len(seen)) if seen[i] <= seen[i - 1])
     assert seen[:restart] == list(range(1, restart + 1))
-    assert seen[restart:] == list(range(resumed_at + 1, STEPS + 1))
+    assert seen[restart:] == list(range(resumed_at + 1, last + 1))
 
 
 @pytest.fixture(scope="module")
@@ -157,38 +110,38 @@ def test_two_workers_finish_with_identical_replicas(reference):
     assert state["data"]["levels"]["mae"] == {"batches": 2 * STEPS, "batch_size": 16}
 
 
-def test_killed_worker_restarts_from_its_checkpoint_and_ends_identical(cluster, reference, tmp_path):
+def test_a_killed_worker_and_a_stopped_driver_both_end_like_the_uninterrupted_run(cluster, ray_cluster, reference,
+                                                                                  tmp_path, cli_run):
+    """One run, two faults: a worker killed at iteration 5 (Ray Train restarts the group from the checkpoint
+    at 3 and the run goes on), then SIGTERM to the driver at iteration 8 (what a scheduler or `kill` sends;
+    Ctrl-C takes the same path): exit 143 and how to continue. ``--resume`` goes on from the checkpoint at 6.
+    The steps are continuous and the final parameters equal the uninterrupted run's."""
     def kill_a_worker(_proc):
-        _, children = _cluster_pids(CLUSTER["temp"])  # this cluster's, not another test's or benchmark's
-        procs = _processes()
+        _, children = cluster_pids(ray_cluster["temp"])  # this cluster's, not another test's or benchmark's
+        procs = processes()
         pids = sorted(pid for pid in children if "ray::RayTrainWorker" in procs.get(pid, (0, ""))[1])
         assert len(pids) == 2, [procs.get(pid) for pid in children]
         os.kill(pids[-1], signal.SIGKILL)
 
-    code, out, err = run_until(cluster, tmp_path, 5, kill_a_worker, *RUN, "--name", "killed")
-    assert code == 0, err
-    resumed = re.findall(r"^resumed from the checkpoint at iteration (\d+)/", out, re.M)
-    assert len(resumed) == 1 and int(resumed[0]) in (3, 6), out
-    assert_continuous(steps(out), int(resumed[0]))
-    assert_same_parameters(final_state(out), final_state(reference.stdout))
-
-
-def test_stop_and_resume_matches_the_uninterrupted_run(cluster, reference, tmp_path):
-    """Stopped by SIGTERM (what a scheduler or `kill` sends; Ctrl-C takes the same path)."""
-    code, out, err = run_until(cluster, tmp_path, 4, lambda proc: proc.send_signal(signal.SIGTERM),
-                               *RUN, "--name", "stopped")
+    code, out, err = run_until(cluster, tmp_path, [(5, kill_a_worker), (8, lambda p: p.send_signal(signal.SIGTERM))],
+                               *RUN, "--name", "faults")
     assert code == 128 + signal.SIGTERM, err
-    assert "continue with 'mlo-mae pretrain --resume stopped'" in err
-    again = run(cluster, tmp_path, *RUN, "--name", "stopped")
+    assert "continue with 'mlo-mae pretrain --resume faults'" in err
+    restarted = re.findall(r"^resumed from the checkpoint at iteration (\d+)/", out, re.M)
+    assert len(restarted) == 1 and int(restarted[0]) in (3, 6), out  # 6 if the kill landed after step 6
+    seen = steps(out)
+    assert_continuous(seen, int(restarted[0]), seen[-1])
+    assert seen[-1] >= 8
+    again = cli_run("pretrain", "--storage-path", tmp_path, *RUN, "--name", "faults")
     assert again.returncode == 2 and "already exists" in again.stderr
-    resumed = run(cluster, tmp_path, "--resume", "stopped", "--workers", "2")
+    wrong = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults", "--workers", "1")
+    assert wrong.returncode == 2 and "started with 2 workers" in wrong.stderr
+    resumed = run(cluster, tmp_path, "--resume", "faults", "--workers", "2")
     assert resumed.returncode == 0, resumed.stderr
     at = int(re.search(r"^resumed from the checkpoint at iteration (\d+)/", resumed.stdout, re.M).group(1))
-    assert at >= 3
+    assert at in (6, 9) and at <= seen[-1]  # the last checkpoint before the SIGTERM landed
     assert steps(resumed.stdout) == list(range(at + 1, STEPS + 1))
     assert_same_parameters(final_state(resumed.stdout), final_state(reference.stdout))
-    wrong = run(cluster, tmp_path, "--resume", "stopped", "--workers", "1")
-    assert wrong.returncode == 2 and "started with 2 workers" in wrong.stderr
 
 
 def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(cluster, tmp_path):

@@ -164,10 +164,11 @@ def test_panel_overlays_line_up_with_the_patch_grid():
     pixels = np.asarray(image, dtype=np.float64)
     for box, hot in zip(boxes["masked"], (HOT_BRIGHT, HOT_DARK), strict=True):
         left, top, right, bottom = box
-        grey = np.array([[pixels[int(top + (r + 0.5) * (bottom - top) / 4), int(left + (c + 0.5) * (right - left) / 4)]
-                          .mean() for c in range(4)] for r in range(4)])
-        others = np.delete(grey.ravel(), hot[0] * 4 + hot[1])
-        assert grey[hot] < others.min() - 80  # the one masked patch is shaded darker than all the rest
+        cells = np.array([[pixels[int(top + (r + 0.5) * (bottom - top) / 4), int(left + (c + 0.5) * (right - left) / 4)]
+                           for c in range(4)] for r in range(4)])
+        away = np.linalg.norm(cells - 200.0, axis=-1)  # colour distance from the light grey picture
+        assert away[hot] > 80 and cells[hot][2] > cells[hot][0] + 80  # the one masked patch is tinted blue
+        assert np.delete(away.ravel(), hot[0] * 4 + hot[1]).max() < 10  # and no other
 
 
 def test_baseline_is_uniform_seeded_and_leaves_the_global_rng_alone():
@@ -295,3 +296,35 @@ def test_evolution_frames_strip_and_gif(tmp_path):
 
     few_frames, few_strip = render_evolution(snaps[:3])
     assert len(few_frames) == 3 and few_strip.info["steps"] == [0, 10, 20] and few_strip.size == STRIP_SIZE
+
+
+def test_evolution_frames_drawn_from_the_saved_history_count_the_images(tmp_path):
+    """The GIF is drawn from the condensed history kept in checkpoints (one mean row per evaluation):
+    its titles must still count the images of the sample, as the per-step PNGs do."""
+    from mlo_mae.evaluation import condensed
+    from training.recording import history_snapshots
+
+    mae = mae_with_grid(4)
+    t = brightness_masknet(mae)
+    x, y, display = batch([0, 0, 1, 1, 0])
+    snaps = [snapshot(mae, t, x, y, display, mask_ratio=0.25, baseline=False, step=step) for step in (0, 10, 20)]
+    assert render_mean(snaps[-1]).info["title"].endswith("(5 images, 4/16 patches masked each)")
+    history = [{**condensed(s), "images": 5} for s in snaps[:2]] + [condensed(snaps[2])]  # one saved before counts
+    frames, _ = render_evolution(history_snapshots(history, sample_size=5))
+    titles = [f.info["title"] for f in frames]
+    assert titles == [f"MLO-MAE · step {s}   (5 images, 4/16 patches masked each)" for s in (0, 10, 20)]
+    assert [f.info["title"] for f in render_evolution(history_snapshots(history[:1], sample_size=99))[0]] == \
+        [titles[0]]  # a recorded count wins over the fallback
+
+
+def test_figures_label_p_as_a_score_and_the_masked_set_as_the_k_highest():
+    """p is a score (the k highest of an image are masked), not the chance of being masked."""
+    mae = mae_with_grid(4)
+    t = brightness_masknet(mae)
+    x, y, display = batch([0, 1])
+    snap = snapshot(mae, t, x, y, display, mask_ratio=0.25, baseline=False, step=3)
+    panel = render_panel(snap)
+    assert "the 4/16 patches masked (each image's highest scores)" in panel.info["title"]
+    assert "probability" not in panel.info["title"].lower()
+    _, strip = render_evolution([snap])
+    assert "score p" in strip.info["title"] and "probability" not in strip.info["title"].lower()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import cli
 from data_factory import idx_bytes, make_idx
 from pipelines.manifest import load_prepared
 from pipelines.sources import IdxSource, SourceError
 from test_prepare import rows_of, run_prepare
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The console entry point in this process: exit status, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["mlo-mae", *args])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
@@ -60,7 +49,7 @@ def _corrupt(root: Path, name: str, blob: bytes) -> Path:
 
 
 @pytest.mark.parametrize("case", ["magic", "truncated", "count", "missing", "not-gzip", "header"])
-def test_each_bad_idx_file_is_one_line_naming_it(tmp_path, case, monkeypatch, capsys):
+def test_each_bad_idx_file_is_one_line_naming_it(tmp_path, case, cli_run):
     root = tmp_path / "src"
     make_idx(root, train=30, test=10)
     images = np.zeros((30, 12, 12), np.uint8)
@@ -87,7 +76,8 @@ def test_each_bad_idx_file_is_one_line_naming_it(tmp_path, case, monkeypatch, ca
     with pytest.raises(SourceError) as error:
         IdxSource(root)
     assert str(bad) in str(error.value) and needle in str(error.value)
-    code, _, err = run_cli(monkeypatch, capsys, "prepare", str(root), str(tmp_path / "out"))
+    result = cli_run("prepare", str(root), str(tmp_path / "out"))
+    code, err = result.returncode, result.stderr
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("mlo-mae: error: ") and str(bad) in lines[0] and needle in lines[0]

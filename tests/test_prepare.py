@@ -18,7 +18,7 @@ from PIL import Image
 from data_factory import make_cifar, make_image_folder
 from pipelines.manifest import load_prepared
 from pipelines.prepare import PrepareError, prepare
-from test_cli import assert_one_line_error, mlo_mae
+from test_cli import assert_one_line_error
 
 
 class _Bar(contextlib.AbstractContextManager):
@@ -138,8 +138,8 @@ def test_same_source_again_is_a_no_op_and_a_different_one_is_refused(tree, prepa
         run_prepare(tree[0], tmp_path / "busy")
 
 
-def test_fail_mode_names_the_file_and_leaves_nothing_behind(tree, tmp_path):
-    result = mlo_mae("prepare", str(tree[0]), str(tmp_path / "out"), "--on-bad-image", "fail", "--jobs", "1")
+def test_fail_mode_names_the_file_and_leaves_nothing_behind(tree, tmp_path, cli_run):
+    result = cli_run("prepare", str(tree[0]), str(tmp_path / "out"), "--on-bad-image", "fail", "--jobs", "1")
     assert_one_line_error(result, "ant/empty.jpg': empty file (--on-bad-image fail)")
     assert sorted(os.listdir(tmp_path)) == []
 
@@ -149,14 +149,14 @@ def test_fail_mode_names_the_file_and_leaves_nothing_behind(tree, tmp_path):
     (["prepare", "digits", "out", "--test-source", "x"], "--test-source applies to ImageFolder trees only"),
     (["prepare", "digits", "out", "--shard-rows", "0"], "--shard-rows"),
 ])
-def test_prepare_bad_arguments_are_one_line(args, needle, tmp_path):
-    assert_one_line_error(mlo_mae(*args, cwd=tmp_path), needle)
+def test_prepare_bad_arguments_are_one_line(args, needle, tmp_path, cli_run):
+    assert_one_line_error(cli_run(*args, cwd=tmp_path), needle)
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_tree_is_refused(tmp_path):
+def test_empty_tree_is_refused(tmp_path, cli_run):
     (tmp_path / "src" / "a").mkdir(parents=True)
-    assert_one_line_error(mlo_mae("prepare", str(tmp_path / "src"), str(tmp_path / "out")), "holds no files")
+    assert_one_line_error(cli_run("prepare", str(tmp_path / "src"), str(tmp_path / "out")), "holds no files")
 
 
 def test_official_test_tree_is_the_test_split_and_train_copies_are_dropped(tree, tmp_path):
@@ -218,8 +218,8 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
         run_prepare(src, tmp_path / "ds")
 
 
-def test_digits_prepare_through_the_cli(tmp_path):
-    result = mlo_mae("prepare", "digits", str(tmp_path / "digits"), "--shard-rows", "300")
+def test_digits_prepare_through_the_cli(tmp_path, cli_run):
+    result = cli_run("prepare", "digits", str(tmp_path / "digits"), "--shard-rows", "300")
     assert result.returncode == 0, result.stderr
     data = load_prepared(tmp_path / "digits")
     assert data.count("train") + data.count("val") + data.count("test") == 1797

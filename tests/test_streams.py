@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -85,15 +84,14 @@ def test_normalizer_uses_the_manifest_statistics(data):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def ray_local(ray_cluster):
+    """This process as a driver of the session's cluster."""
     import ray
 
     from training.launch import init_ray
 
     init_ray()
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 def test_ray_data_streams_deal_each_epoch_once_resume_exactly_and_match_the_torch_reader(data, ray_local):

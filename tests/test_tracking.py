@@ -8,6 +8,7 @@ complete on it, so nothing reads the test split before the final evaluation.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -21,8 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mlo_mae.config import resolve
 from mlo_mae.export import load_encoder
 from mlo_mae.heatmaps import CLASSES_SIZE, MEAN_SIZE, PANEL_SIZE
+from pipelines.manifest import load_prepared
+from training import tracking
 from training.pretrained import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +163,11 @@ def test_heatmaps_at_every_evaluation_decode_at_their_size(runs, name, tmp_path)
         with Image.open(local) as image:
             image.load()
             assert image.size == size and image.mode == "RGB"
+        # The same figures under readable names: one per evaluation, and the last one as the final figure.
+        assert [f"heatmaps/{kind}/step-{step:06d}.png" in files for step in (0, 2, 4)] == [True] * 3, files
+        assert f"heatmaps/final/{kind}.png" in files
+    with Image.open(client.download_artifacts(run_id, "heatmaps/final/mask_panel.png", str(tmp_path))) as final:
+        assert final.size == PANEL_SIZE
     gif = client.download_artifacts(run_id, "heatmaps/mask_evolution.gif", str(tmp_path))
     with Image.open(gif) as animation:
         assert animation.n_frames == 3
@@ -245,3 +254,98 @@ def test_copy_of_data_is_sealed(sealed_digits):
 
     with pytest.raises(Exception, match="Parquet|parquet|magic"):
         read_rows(str(sorted((sealed_digits / "test").glob("*.parquet"))[0]), 0)
+
+
+# ----------------------------------------------------------------------------- the store, checked before a run
+
+
+def _one_line_error(uri: str, timeout_s: float = 5.0) -> str:
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.check_store(uri, timeout_s)
+    assert time.monotonic() - start < 15
+    message = str(caught.value)
+    assert "\n" not in message and uri in message and len(message) < 300, message
+    return message
+
+
+def test_an_unreachable_server_fails_in_seconds_with_one_line():
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    assert "connection refused; is `mlflow server` running there?" in _one_line_error(uri)
+
+
+def test_a_server_that_never_answers_fails_at_the_timeout():
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        assert "no answer within 1 s" in _one_line_error(uri, timeout_s=1.0)
+
+
+def test_a_live_server_passes_the_check(server):
+    tracking.check_store(server)
+
+
+def test_bad_sqlite_folders_fail_with_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    assert "is a file; expected a folder" in _one_line_error(f"sqlite:///{tmp_path}/a-file/runs/mlflow.db")
+    assert "is a folder; expected a database file" in _one_line_error(f"sqlite:///{tmp_path}")
+    tracking.check_store(f"sqlite:///{tmp_path}/new/folders/mlflow.db")  # MLflow creates the folders
+
+
+def test_mlflow_http_calls_do_not_retry_for_minutes(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # the user's own setting wins
+    tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+# ----------------------------------------------------------------------------- what the run page shows
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('local-store') / 'mlflow.db'}"
+
+
+def test_experiments_open_on_runs_not_traces(local_store):
+    client = tracking.client(local_store)
+    created = tracking.experiment_id(client, "new")
+    assert client.get_experiment(created).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("made-before-the-tag")
+    assert tracking.experiment_id(client, "made-before-the-tag", create=False) == older
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags  # only looking: left alone
+    assert tracking.experiment_id(client, "made-before-the-tag") == older
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_links_open_the_model_training_view(local_store):
+    """MLflow 3.17's UI ignores the kind tag for its landing view; the link's workflowType decides."""
+    run_id = tracking.start_run(local_store, "linked", "run", "probe", resolve(), {})
+    experiment = tracking.client(local_store).get_run(run_id).info.experiment_id
+    assert tracking.run_link(local_store, run_id) == \
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    assert tracking.ui_link("http://host:5000/", "7") == "http://host:5000/#/experiments/7?workflowType=machine_learning"
+
+
+def test_a_run_has_its_source_and_its_data_set(local_store, sealed_digits):
+    data = load_prepared(sealed_digits)
+    run_id = tracking.start_run(local_store, "sources", "run", "pretrain", resolve(), {}, dataset=data)
+    run = tracking.client(local_store).get_run(run_id)
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "mlo-mae pretrain" and tags["mlflow.source.type"] == "LOCAL"
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["mlflow.source.git.commit"])
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == data.manifest["name"] == "digits"
+    assert used.dataset.digest == tracking.dataset_digest(data.manifest)
+    assert json.loads(used.dataset.source) == {"uri": str(sealed_digits.resolve())}
+    assert json.loads(used.dataset.profile)["test_images"] == 359
+    assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "train")]
+
+
+def test_the_data_set_digest_follows_the_shards_not_the_preparation_time(sealed_digits):
+    manifest = load_prepared(sealed_digits).manifest
+    digest = tracking.dataset_digest(manifest)
+    assert tracking.dataset_digest({**manifest, "created": "another day", "seconds": 99}) == digest
+    changed = [dict(manifest["shards"][0], sha256="0" * 64), *manifest["shards"][1:]]
+    assert tracking.dataset_digest({**manifest, "shards": changed}) != digest

@@ -21,12 +21,14 @@ import pytest
 import yaml
 
 from mlo_mae import config as config_mod
-from training import study
-from training.trial import STOPPED_EARLY_TAG, STUDY_TAG
+from training.study import checks, results
+from training.study.settings import StudyError, StudyOptions
+from training.study.trial import STOPPED_EARLY_TAG, STUDY_TAG
 from tune_spaces.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, str(ROOT / "cli.py")]
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def mlo_mae(*args, cwd, timeout=900):
@@ -56,23 +58,25 @@ def _write(path: Path, text: str) -> Path:
     ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["--metric", "probe_test_top1"],
      "the test split never selects a model"),
     ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["--metric", "probe_val_top1"], "use --scheduler fifo"),
+    ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["--metric", "probe_val_top1", "--scheduler", "fifo",
+                                                           "--search", "optuna"], "Optuna reads the metric"),
     ("space:\n  mlo.mask_ratio: {uniform: [0.5, 0.9]}\n", ["-o", "run.eval_every=0"], "run.eval_every is 0"),
     ("space:\n  run.eval_every: {choice: [2, 3]}\n", [], "run.eval_every cannot be searched"),
     ("space:\n  model.embed_dim: {choice: [192, 96]}\n", ["-o", "model.num_heads=64"],
      "choice value 96 does not fit this study's config"),
 ])
-def test_bad_space_or_options_are_one_line_errors(tmp_path, space, flags, expected):
+def test_bad_space_or_options_are_one_line_errors(tmp_path, space, flags, expected, cli_run):
     path = _write(tmp_path / "my-space.yaml", space)
-    result = mlo_mae("tune", "--space", str(path), *flags, cwd=tmp_path, timeout=120)
+    result = cli_run("tune", "--space", str(path), *flags, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mlo-mae: error: ") and expected in lines[0], result.stderr
     assert not (tmp_path / "ray_results").exists()  # nothing started
 
 
-def test_a_batch_larger_than_a_split_is_refused_for_the_largest_value_of_the_space(tmp_path):
+def test_a_batch_larger_than_a_split_is_refused_for_the_largest_value_of_the_space(tmp_path, cli_run):
     path = _write(tmp_path / "batches.yaml", "space:\n  data.batch_head: {choice: [16, 5000]}\n")
-    result = mlo_mae("tune", "--space", str(path), cwd=tmp_path, timeout=300)
+    result = cli_run("tune", "--space", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "data.batch_head (5000) x 1 worker(s) is larger than the train split" in result.stderr
     assert str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -82,64 +86,65 @@ def test_longest_trial_takes_the_ends_that_make_a_trial_longest():
     base = config_mod.resolve(overrides={"run.epochs": 2.0, "data.batch_mae": 32})
     space = load_space(ROOT / "tune_spaces" / "default.yaml")  # mlo.unroll_mae: randint [1, 3]
     # ceil(epochs * rows / (batch * unroll)) at the shortest unroll, by hand: ceil(2 * 1000 / (32 * 1)) = 63
-    assert study.longest_trial(space, base, 1000) == 63
+    assert checks.longest_trial(space, base, 1000) == 63
     fixed = load_space(ROOT / "tune_spaces" / "cpu-smoke.yaml")
-    assert study.longest_trial(fixed, config_mod.resolve(overrides=fixed.fixed), 1000) == 12
+    assert checks.longest_trial(fixed, config_mod.resolve(overrides=fixed.fixed), 1000) == 6
 
 
 def test_concurrency_and_placement_on_cpu_and_gpu_clusters():
     base = config_mod.resolve()  # run.device auto
-    one, two = study.StudyOptions(workers_per_trial=1), study.StudyOptions(workers_per_trial=2)
-    assert study.concurrency(one, base, {"CPU": 2.0}, 4) == 1
-    assert study.concurrency(one, base, {"CPU": 16.0}, 4) == 4  # capped by the trials
-    assert study.concurrency(one, base, {"CPU": 16.0}, 20) == 4  # 16 // (2 CPUs + 0.5 driver + 1 Ray Data)
-    assert study.concurrency(study.StudyOptions(max_concurrent=8), base, {"CPU": 16.0}, 2) == 2
-    assert study.concurrency(two, base, {"CPU": 64.0, "GPU": 8.0}, 20) == 4  # a GPU a worker
-    study.check_fits(one, base, {"CPU": 2.0}, 1)  # 0.5 driver + 0.5 worker + 1 for Ray Data
-    with pytest.raises(study.StudyError, match="need 3 CPUs"):
-        study.check_fits(study.StudyOptions(workers_per_trial=3), base, {"CPU": 2.0}, 1)
-    with pytest.raises(study.StudyError, match="and 2 GPUs; the cluster has 16 CPUs and 1 GPUs"):
-        study.check_fits(two, base, {"CPU": 16.0, "GPU": 1.0}, 1)  # one H100, two workers
+    one, two = StudyOptions(workers_per_trial=1), StudyOptions(workers_per_trial=2)
+    assert checks.concurrency(one, base, {"CPU": 2.0}, 4) == 1
+    assert checks.concurrency(one, base, {"CPU": 16.0}, 4) == 4  # capped by the trials
+    assert checks.concurrency(one, base, {"CPU": 16.0}, 20) == 4  # 16 // (2 CPUs + 0.5 driver + 1 Ray Data)
+    assert checks.concurrency(StudyOptions(max_concurrent=8), base, {"CPU": 16.0}, 2) == 2
+    assert checks.concurrency(two, base, {"CPU": 64.0, "GPU": 8.0}, 20) == 4  # a GPU a worker
+    checks.check_fits(one, base, {"CPU": 2.0}, 1)  # 0.5 driver + 0.5 worker + 1 for Ray Data
+    with pytest.raises(StudyError, match="need 3 CPUs"):
+        checks.check_fits(StudyOptions(workers_per_trial=3), base, {"CPU": 2.0}, 1)
+    with pytest.raises(StudyError, match="and 2 GPUs; the cluster has 16 CPUs and 1 GPUs"):
+        checks.check_fits(two, base, {"CPU": 16.0, "GPU": 1.0}, 1)  # one H100, two workers
     cpu_only = config_mod.resolve(overrides={"run.device": "cpu"})  # GPUs present but not asked for
-    study.check_fits(two, cpu_only, {"CPU": 16.0, "GPU": 1.0}, 1)
+    checks.check_fits(two, cpu_only, {"CPU": 16.0, "GPU": 1.0}, 1)
 
 
 def test_best_trial_is_chosen_among_trials_that_ran_to_the_end():
     def row(number, metric, status):
-        return study.TrialRow(number, f"x_{number}", {}, metric, 3 if status == "stopped early" else 12, 12,
+        return results.TrialRow(number, f"x_{number}", {}, metric, 3 if status == "stopped early" else 12, 12,
                               status, None)
 
     rows = [row("0", 0.9, "stopped early"), row("1", 0.5, "finished"), row("2", 0.7, "finished"),
             row("3", None, "failed")]
-    assert study.best_row(rows, "val_top1").number == "2"
-    assert study.best_row(rows, "val_loss").number == "1"
-    assert study.best_row([rows[0], rows[3]], "val_top1") is None
-    assert study.trial_outcome("TERMINATED", 3, 12) == "stopped early"
-    assert study.trial_outcome("TERMINATED", 12, 12) == "finished"
+    assert results.best_row(rows, "val_top1").number == "2"
+    assert results.best_row(rows, "val_loss").number == "1"
+    assert results.best_row([rows[0], rows[3]], "val_top1") is None
+    assert results.trial_outcome("TERMINATED", 3, 12) == "stopped early"
+    assert results.trial_outcome("TERMINATED", 12, 12) == "finished"
 
 
 def test_grace_period_falls_on_an_evaluation():
-    assert study.grace_period(study.StudyOptions(), 25, 180) == 25
-    assert study.grace_period(study.StudyOptions(grace_period=30), 25, 180) == 50
-    assert study.grace_period(study.StudyOptions(grace_period=30), 25, 40) == 40
+    assert checks.grace_period(StudyOptions(), 25, 180) == 25
+    assert checks.grace_period(StudyOptions(grace_period=30), 25, 180) == 50
+    assert checks.grace_period(StudyOptions(grace_period=30), 25, 40) == 40
 
 
 # --- real studies ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    """cpu-smoke, 4 trials one at a time, ASHA on val_loss (C's sampled learning rate spreads it);
-    SIGINT while the first trial trains past its checkpoint at iteration 6, then --resume."""
+    """cpu-smoke, 3 trials one at a time, ASHA on val_loss (C's sampled learning rate spreads it);
+    SIGINT while the first trial trains past its checkpoint at iteration 4, then --resume. Real processes:
+    the interruption is a signal. The session's MLflow store, experiment 'study'."""
     cwd = tmp_path_factory.mktemp("study")
-    uri = f"sqlite:///{cwd / 'mlflow.db'}"
-    args = ["tune", "--space", "cpu-smoke", "--num-samples", "4", "--max-concurrent", "1", "--metric", "val_loss",
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    args = ["tune", "--space", "cpu-smoke", "--num-samples", "3", "--max-concurrent", "1", "--metric", "val_loss",
             "--name", "smoke", "--tracking-uri", uri, "--experiment", "study"]
     proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first: list[str] = []
     deadline = time.monotonic() + 600
     for line in proc.stdout:
         first.append(line)
-        if line.startswith("trial 00000: iteration 9/12"):
+        if line.startswith("trial 00000: iteration 4/6"):
             proc.send_signal(signal.SIGINT)
             break
         assert time.monotonic() < deadline, "".join(first)
@@ -163,11 +168,11 @@ def test_resumed_study_finishes_with_asha_stopping_trials(smoke_study):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with open(smoke_study["folder"] / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4
+    assert len(rows) == 3
     statuses = [r["status"] for r in rows]
     assert statuses.count("stopped early") >= 1 and set(statuses) <= {"finished", "stopped early"}, statuses
     for r in rows:  # stopped early: behind at a rung, before the end
-        assert (int(r["iteration"]) < 12) == (r["status"] == "stopped early")
+        assert (int(r["iteration"]) < 6) == (r["status"] == "stopped early")
     assert "stopped early" in resumed.stdout and "best: trial" in resumed.stdout
     assert "Configuration for experiment" not in resumed.stdout  # Tune's own banner stays out of the way
     assert (smoke_study["folder"] / "asha-state.pkl").is_file()  # the rungs outlive the restore
@@ -178,8 +183,8 @@ def test_interrupted_trial_went_on_from_its_checkpoint(smoke_study):
     history = mlflow.MlflowClient(smoke_study["uri"]).get_metric_history(runs["smoke-00000"].info.run_id,
                                                                         "eval/val_loss")
     steps = sorted(m.step for m in history)
-    # from the checkpoint at 6: 9 again, then 12; a restart from scratch would log step 0 twice
-    assert steps.count(0) == 1 and steps[-1] == 12 and {0, 3, 6, 9} <= set(steps), steps
+    # from the checkpoint at 4: then 6; a restart from scratch would log step 0 twice
+    assert steps.count(0) == 1 and steps[-1] == 6 and {0, 2, 4} <= set(steps), steps
 
 
 def test_study_is_one_parent_run_with_one_child_per_trial(smoke_study):
@@ -190,7 +195,7 @@ def test_study_is_one_parent_run_with_one_child_per_trial(smoke_study):
     assert parent.info.status == "FINISHED" and parent.data.tags[STUDY_TAG] == "smoke"
     assert parent.data.params["space.optim.lr_mask"] == "loguniform(1e-05, 0.001)"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4 and len(runs) == 5  # the resumed trial kept its run: no fifth child
+    assert len(children) == 3 and len(runs) == 4  # the resumed trial kept its run: no fourth child
     with open(smoke_study["folder"] / "results.csv") as handle:
         rows = {r["mlflow_run_id"]: r for r in csv.DictReader(handle)}
     client = mlflow.MlflowClient(smoke_study["uri"])
@@ -213,9 +218,9 @@ def test_study_is_one_parent_run_with_one_child_per_trial(smoke_study):
     assert {"results.csv", "best-config.yaml", "space.yaml"} <= artifacts
 
 
-def test_best_config_is_accepted_by_pretrain_unchanged(smoke_study):
+def test_best_config_is_accepted_by_pretrain_unchanged(smoke_study, cli_run):
     path = smoke_study["folder"] / "best-config.yaml"
-    printed = mlo_mae("pretrain", "--config", str(path), "--print-config", cwd=smoke_study["cwd"], timeout=120)
+    printed = cli_run("pretrain", "--config", str(path), "--print-config", cwd=smoke_study["cwd"])
     assert printed.returncode == 0, printed.stderr
     loaded = yaml.safe_load(printed.stdout)
     with open(smoke_study["folder"] / "results.csv") as handle:
@@ -224,17 +229,17 @@ def test_best_config_is_accepted_by_pretrain_unchanged(smoke_study):
     trial = yaml.safe_load((smoke_study["folder"] / "trials" / best["trial_id"] / "mlo-mae-run.yaml").read_text())
     assert loaded == config_mod.from_dict(trial["config"]).to_dict()
     assert loaded["mlo"]["mask_ratio"] == pytest.approx(float(best["mlo.mask_ratio"]))
-    assert loaded["run"]["max_steps"] == 12 and loaded["run"]["probe"] is False  # the space's fixed keys
+    assert loaded["run"]["max_steps"] == 6 and loaded["run"]["probe"] is False  # the space's fixed keys
 
 
-def test_a_failing_trial_is_reported_and_the_next_one_picks_the_best_by_probe(tmp_path):
+def test_a_failing_trial_is_reported_and_the_next_one_picks_the_best_by_probe(tmp_path, cli_run):
     """A grid of an lr that diverges at once and a sane one, FIFO on the end-of-run probe: the first trial
     fails with the NaN line, the second runs to its end and is the best."""
     space = _write(tmp_path / "grid.yaml", "space:\n  optim.lr_mae: {grid: [1.0e+30, 3.0e-4]}\n"
                    "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n"
                    "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = mlo_mae("tune", "--space", str(space), "--num-samples", "1", "--scheduler", "fifo", "--metric",
+    result = cli_run("tune", "--space", str(space), "--num-samples", "1", "--scheduler", "fifo", "--metric",
                      "probe_val_top1", "--name", "grid", "--tracking-uri", uri, "--experiment", "grid", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trial 00000 failed: training stopped: non-finite" in result.stdout
@@ -248,22 +253,24 @@ def test_a_failing_trial_is_reported_and_the_next_one_picks_the_best_by_probe(tm
     assert statuses == {"grid": "FINISHED", "grid-00000": "FAILED", "grid-00001": "FINISHED"}
 
 
-def test_optuna_study_whose_trials_all_fail_ends_failed(tmp_path):
-    """Optuna samples an lr that diverges at once: each trial fails with the NaN line, the next one still
-    runs; with no trial finished the study fails (exit 1)."""
+def test_optuna_study_whose_trial_fails_ends_failed(tmp_path, cli_run):
+    """Optuna samples an lr that diverges at once: the trial fails with the NaN line; with no trial finished
+    the study fails (exit 1) and so does its MLflow parent run."""
     space = _write(tmp_path / "diverge.yaml", "space:\n  optim.lr_mae: {loguniform: [1.0e+29, 1.0e+30]}\n"
                    "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n  run.probe: false\n"
                    "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = mlo_mae("tune", "--space", str(space), "--num-samples", "2", "--search", "optuna", "--name", "nan",
+    result = cli_run("tune", "--space", str(space), "--num-samples", "1", "--search", "optuna", "--name", "nan",
                      "--tracking-uri", uri, "--experiment", "nan", cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stdout.count("failed: training stopped: non-finite") == 2 * 2, result.stdout  # progress + table
-    assert "no trial ran to its end" in result.stderr
+    assert result.stdout.count("failed: training stopped: non-finite") == 2, result.stdout  # progress + table
+    assert result.stderr.strip().splitlines() == ["mlo-mae: error: no trial ran to its end with a val_top1; see the "
+                                                  "table above (the trials' output is in the Ray logs, "
+                                                  "/tmp/ray/session_latest/logs)"]
     runs = _runs(uri, "nan")
     children = [r for r in runs if r.data.tags.get("mlo_mae.kind") == "pretrain"]
-    assert len(children) == 2 and {r.info.status for r in children} == {"FAILED"}
+    assert len(children) == 1 and children[0].info.status == "FAILED"
     parent = next(r for r in runs if r.data.tags.get("mlo_mae.kind") == "tune")
-    assert parent.info.status == "FAILED" and parent.data.metrics["trials/failed"] == 2
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials/failed"] == 1
     assert parent.data.params["tune.search"] == "optuna"
-    assert not os.path.exists(tmp_path / "ray_results" / "nan" / "best-config.yaml")
+    assert not (tmp_path / "ray_results" / "nan" / "best-config.yaml").exists()

@@ -8,12 +8,14 @@ probe and the fine-tuning call once, after everything was chosen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from mlo_mae import config as config_mod
+from mlo_mae.errors import InputError, Interrupted, RunFailed
 from mlo_mae.finetune import (
     EpochResult,
     FinetuneConfig,
@@ -117,3 +119,139 @@ def finetune_encoder(mae, data: PreparedDataset, cfg: config_mod.Config, ft: Fin
 
     test = _test_reader(split_batches) if with_test else None
     return finetune(model, train, lambda: split_batches("val"), test, ft, device, steps, on_epoch)
+
+
+# --- ``mlo-mae probe`` and ``mlo-mae finetune``: an evaluation as an MLflow run ---------------------------
+
+Echo = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """A pretrained encoder, the data set and device it is evaluated on, and the MLflow run that records it."""
+
+    pretrained: object  # training.pretrained.Pretrained
+    data: PreparedDataset
+    device: torch.device
+    uri: str
+    run_id: str
+
+
+def open_evaluation(kind: str, source: str, dataset: str | None, device: str, tracking_uri: str | None,
+                    experiment: str, params: dict, echo: Echo) -> Evaluation:
+    """The pretrained state, its data set, the device, and an MLflow run ``kind`` for the evaluation: a child
+    of the pretrain run when that was tracked (results are logged where it was, unless ``tracking_uri``)."""
+    from mlo_mae.engine import resolve_device
+    from pipelines.catalog import open_dataset
+
+    from . import tracking
+    from .pretrained import load_pretrained
+
+    uri = tracking.tracking_uri(tracking_uri)
+    pretrained = load_pretrained(source, uri, prefer_given=tracking_uri is not None)
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    name = dataset or pretrained.dataset or pretrained.config.data.dataset
+    data = open_dataset(name, echo)
+    if data.num_classes != pretrained.state["num_classes"] and dataset is None:
+        raise InputError(f"--dataset: '{name}' has {data.num_classes} classes, the run trained with "
+                         f"{pretrained.state['num_classes']}")
+    echo(f"{pretrained.checkpoint} (iteration {pretrained.iteration}, preset {pretrained.config.preset}) | "
+         f"{data.manifest['name']}: D_tr {data.count('train')}, D_val {data.count('val')}, "
+         f"test {data.count('test')} | device {torch_device}")
+    uri = pretrained.tracking_uri or uri
+    parent = pretrained.run_id
+    try:
+        tracking.check_store(uri)
+        if parent is not None:
+            try:
+                mlflow_client = tracking.client(uri)
+                experiment = mlflow_client.get_experiment(mlflow_client.get_run(parent).info.experiment_id).name
+            except Exception:  # noqa: BLE001 - parent gone: log a standalone run
+                parent = None
+        run_id = tracking.start_run(uri, experiment, kind, kind, pretrained.config,
+                                    {"source.checkpoint": pretrained.checkpoint,
+                                     "source.iteration": pretrained.iteration, "dataset.path": str(data.root),
+                                     **params}, parent=parent, dataset=data)
+    except tracking.TrackingError as err:
+        raise InputError(f"--tracking-uri: {err}") from None
+    return Evaluation(pretrained, data, torch_device, uri, run_id)
+
+
+@contextlib.contextmanager
+def recorded(evaluation: Evaluation, warn: Echo):
+    """The evaluation's MLflow run ends FAILED or KILLED if the body fails or is interrupted (never RUNNING);
+    a data or value error becomes one line; on success the caller ends it with ``finish``."""
+    from . import tracking
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.end_run(evaluation.uri, evaluation.run_id, "KILLED", warn)
+        raise Interrupted("interrupted") from None
+    except Exception as err:
+        tracking.end_run(evaluation.uri, evaluation.run_id, "FAILED", warn)
+        if isinstance(err, (ValueError, OSError)):  # a damaged shard, a non-finite loss: the work failed
+            raise RunFailed(" ".join(str(err).split())[:400]) from None
+        raise
+
+
+def finish(evaluation: Evaluation, kind: str, results: dict[str, float], headline: dict[str, float], step: int,
+           warn: Echo) -> None:
+    """Log ``results`` at ``step``, copy ``headline`` onto the pretrain run as ``KIND/NAME`` (its row in
+    'mlo-mae runs' and the UI's table shows the evaluation) and end the evaluation's run."""
+    from . import tracking
+
+    logger = tracking.RunLogger(evaluation.uri, evaluation.run_id, warn)
+    logger.metrics(results, step)
+    logger.flush()
+    pretrained = evaluation.pretrained
+    if pretrained.run_id is not None:
+        parent = tracking.RunLogger(evaluation.uri, pretrained.run_id, warn)
+        parent.metrics({f"{kind}/{k}": v for k, v in headline.items()}, pretrained.iteration)
+        parent.flush()
+    tracking.end_run(evaluation.uri, evaluation.run_id, "FINISHED", warn)
+
+
+def run_probe(source: str, dataset: str | None, device: str, tracking_uri: str | None, experiment: str,
+              echo: Echo, warn: Echo) -> tuple[Evaluation, ProbeResult]:
+    """``mlo-mae probe``: the linear probe of a pretrained encoder, recorded as an MLflow run 'probe'."""
+    evaluation = open_evaluation("probe", source, dataset, device, tracking_uri, experiment, {}, echo)
+    with recorded(evaluation, warn):
+        result = probe_encoder(evaluation.pretrained.encoder(evaluation.device), evaluation.data,
+                               evaluation.pretrained.config, evaluation.device)
+    headline = {"val_top1": result.val_top1, "test_top1": result.test_top1}
+    finish(evaluation, "probe", {**headline, "weight_decay": result.weight_decay}, headline,
+           evaluation.pretrained.iteration, warn)
+    return evaluation, result
+
+
+def run_finetune(source: str, dataset: str | None, device: str, tracking_uri: str | None, experiment: str,
+                 ft: FinetuneConfig, batch: int, echo: Echo, warn: Echo) -> tuple[Evaluation, FinetuneResult]:
+    """``mlo-mae finetune``: full fine-tuning of a pretrained encoder, recorded as an MLflow run 'finetune'
+    with a point per epoch (epochs count from 1, on screen and in MLflow)."""
+    from . import tracking
+
+    params = {**{f"finetune.{k}": v for k, v in dataclasses.asdict(ft).items()}, "finetune.batch_size": batch}
+    evaluation = open_evaluation("finetune", source, dataset, device, tracking_uri, experiment, params, echo)
+    logger = tracking.RunLogger(evaluation.uri, evaluation.run_id, warn)
+    best = {"top1": -1.0, "epoch": 0}
+
+    def on_epoch(result: EpochResult) -> None:
+        if result.val_top1 > best["top1"]:
+            best.update(top1=result.val_top1, epoch=result.epoch + 1)
+        echo(f"epoch {result.epoch + 1}/{ft.epochs} | loss {result.train_loss:.4f} | D_val top-1 "
+             f"{100 * result.val_top1:.1f}% (best {100 * best['top1']:.1f}% at epoch {best['epoch']}) | "
+             f"lr {result.lr:.2e} | {result.seconds:.1f}s")
+        logger.metrics({"train_loss": result.train_loss, "val_top1": result.val_top1, "lr": result.lr},
+                       result.epoch + 1)
+        logger.flush()
+
+    with recorded(evaluation, warn):
+        result = finetune_encoder(evaluation.pretrained.encoder(evaluation.device), evaluation.data,
+                                  evaluation.pretrained.config, ft, batch, evaluation.device, on_epoch)
+    finish(evaluation, "finetune", {"test_top1": result.test_top1, "best_epoch": result.best_epoch + 1},
+           {"val_top1": result.val_top1, "test_top1": result.test_top1}, ft.epochs, warn)
+    return evaluation, result

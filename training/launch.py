@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -21,39 +20,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlo_mae import config as config_mod
+from mlo_mae.errors import Interrupted, RunFailed
 from pipelines.manifest import PreparedDataset
 
+from .signals import last_signal, sigterm_as_sigint
 from .storage import storage_uri
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunFailed):
     """Training stopped; the message is one line for the user (details in Ray's logs)."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Interrupted):
     """The user stopped the run (Ctrl-C, SIGTERM); its checkpoints are kept for ``--resume``."""
 
     def __init__(self, name: str, signum: int) -> None:
-        super().__init__(name)
-        self.signum = signum
-
-
-def _stop_on_signals() -> list[int]:
-    """Ctrl-C and SIGTERM (schedulers, ``kill``) both stop a run through KeyboardInterrupt.
-
-    Installed after ``ray.init``, which sets its own SIGTERM handler (it crashes the driver);
-    SIGINT is re-armed because a process started in the background inherits it ignored.
-    Returns the list that records which signal arrived.
-    """
-    received: list[int] = []
-
-    def stop(signum, _frame) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-    return received
+        super().__init__(f"run '{name}' interrupted; its checkpoints are kept", signum)
+        self.name = name
 
 
 @dataclass
@@ -72,12 +55,13 @@ class Launch:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Join the cluster at ``address`` or start a local one sized to this machine."""
+    """Join the cluster at ``address`` (else at $RAY_ADDRESS) or start a local one sized to this machine."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     else:
@@ -202,30 +186,29 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = err
 
-    # A Tune trial runs this in a thread, where signals cannot be handled (Tune stops trials itself).
-    received = _stop_on_signals() if threading.current_thread() is threading.main_thread() else []
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
     failure, metrics = None, {}
-    try:
-        while thread.is_alive() or not progress.empty():
-            try:
-                kind, text = progress.get(timeout=0.5)
-            except (Empty, queue.Empty):
-                continue
-            except ray.exceptions.RayError as err:  # the queue actor, or the whole cluster, is gone
-                raise TrainingError(f"lost the Ray cluster during training: {last_error_line(err)}; the "
-                                    "checkpoints are kept (--resume)") from None
-            if kind == "error":
-                failure = text
-            elif kind == "metrics":
-                metrics = text
-            else:
-                echo(text)
-    except KeyboardInterrupt:
-        ray.shutdown()  # stops the controller and the workers; the checkpoints stay in storage
-        thread.join(timeout=60)  # fit() fails fast once disconnected; exiting under it can crash
-        raise TrainingInterrupted(launch.name, received[-1] if received else signal.SIGINT) from None
+    with sigterm_as_sigint() as received:  # a Tune trial runs this in a thread: Tune stops trials itself
+        thread.start()
+        try:
+            while thread.is_alive() or not progress.empty():
+                try:
+                    kind, text = progress.get(timeout=0.5)
+                except (Empty, queue.Empty):
+                    continue
+                except ray.exceptions.RayError as err:  # the queue actor, or the whole cluster, is gone
+                    raise TrainingError(f"lost the Ray cluster during training: {last_error_line(err)}; the "
+                                        "checkpoints are kept (--resume)") from None
+                if kind == "error":
+                    failure = text
+                elif kind == "metrics":
+                    metrics = text
+                else:
+                    echo(text)
+        except KeyboardInterrupt:
+            ray.shutdown()  # stops the controller and the workers; the checkpoints stay in storage
+            thread.join(timeout=60)  # fit() fails fast once disconnected; exiting under it can crash
+            raise TrainingInterrupted(launch.name, last_signal(received)) from None
     thread.join()
     if "error" in outcome:
         raise TrainingError(failure or f"training failed: {last_error_line(outcome['error'])} "

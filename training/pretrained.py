@@ -9,18 +9,20 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mlo_mae import config as config_mod
-from mlo_mae.mae import MaskedAutoencoderViT
+from mlo_mae.errors import InputError
 
-from . import checkpoints, tracking
-from .storage import read_run
+from . import tracking
+
+if TYPE_CHECKING:  # torch and the checkpoint reader are imported when a source is loaded, not checked
+    import torch
+
+    from mlo_mae.mae import MaskedAutoencoderViT
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """SOURCE cannot be used; one line naming it and what was expected."""
 
 
@@ -51,11 +53,15 @@ class Pretrained:
 
 def _run_settings(run_dir: str) -> dict[str, Any]:
     """The run's saved settings (``mlo-mae-run.yaml``), empty when the folder has none."""
+    from .storage import read_run
+
     storage, name = run_dir.rstrip("/").rsplit("/", 1)
     return read_run(storage, name) or {}
 
 
 def _from_folder(folder: str, uri: str, prefer_given: bool = False) -> Pretrained:
+    from . import checkpoints
+
     folder = folder.rstrip("/")
     if checkpoints.is_complete(folder):
         checkpoint, run_dir = folder, os.path.dirname(folder)
@@ -76,13 +82,22 @@ def _from_folder(folder: str, uri: str, prefer_given: bool = False) -> Pretraine
                       tracking_uri=uri if prefer_given or not logged.get("uri") else logged["uri"])
 
 
+def is_folder(source: str) -> bool:
+    return "://" in source or os.path.exists(source)
+
+
+def check_source(source: str) -> None:
+    """A ``SourceError`` unless SOURCE can be a folder or an MLflow run id (cheap: nothing is read)."""
+    if not is_folder(source) and not re.fullmatch(r"[0-9a-f]{32}", source):
+        raise SourceError(f"SOURCE '{source}' is neither an existing checkpoint or run folder nor an MLflow run id")
+
+
 def load_pretrained(source: str, uri: str, prefer_given: bool = False) -> Pretrained:
     """SOURCE: a checkpoint folder, a run folder (its newest checkpoint) or an MLflow run id.
     Results are logged where the pretrain run was, unless ``prefer_given`` (an explicit --tracking-uri)."""
-    if "://" in source or os.path.exists(source):
+    check_source(source)
+    if is_folder(source):
         return _from_folder(source, uri, prefer_given)
-    if not re.fullmatch(r"[0-9a-f]{32}", source):
-        raise SourceError(f"SOURCE '{source}' is neither an existing checkpoint or run folder nor an MLflow run id")
     try:
         run = tracking.client(uri).get_run(source)
     except Exception as err:  # noqa: BLE001 - MlflowException, connection errors

@@ -1,9 +1,11 @@
 """Rank 0's record of a pretrain run in MLflow: per-step metrics, evaluations with heatmaps, the end.
 
 Heatmaps are logged with ``log_image(key, step)``, so the MLflow UI shows each
-kind with a step slider and can put an MLO run beside a baseline run. The
-evaluation history (small per-patch maps) is part of the checkpoint, so that the
-final evolution GIF covers the whole run even after a restart.
+kind with a step slider and can put an MLO run beside a baseline run; the same
+figures go to ``heatmaps/KIND/step-NNNNNN.png`` too, since the UI files those
+under generated names and its cards show 256-pixel thumbnails. The evaluation
+history (small per-patch maps) is part of the checkpoint, so that the final
+evolution GIF covers the whole run even after a restart.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
+from PIL import Image
 
 from mlo_mae import config as config_mod
 from mlo_mae.engine import MLOEngine, StepStats
 from mlo_mae.evaluation import Evaluation, condensed, evaluate, expand
 from mlo_mae.export import save_encoder
 from mlo_mae.heatmaps import (
+    MaskSnapshot,
     render_classes,
     render_evolution,
     render_mean,
@@ -36,6 +41,21 @@ from .tracking import RunLogger
 
 HEATMAP_KEYS = ("heatmaps/mask_mean", "heatmaps/mask_panel", "heatmaps/mask_classes")
 GIF_FRAMES = 100
+
+
+def figure_path(key: str, step: int | None = None) -> str:
+    """Where a heatmap is filed under a readable name: ``heatmaps/mask_panel/step-000050.png``, or the
+    last evaluation's ``heatmaps/final/mask_panel.png``."""
+    folder, kind = key.rsplit("/", 1)
+    return f"{folder}/{kind}/step-{step:06d}.png" if step is not None else f"{folder}/final/{kind}.png"
+
+
+def history_snapshots(history: list[dict[str, Any]], sample_size: int,
+                      max_frames: int = GIF_FRAMES) -> list[MaskSnapshot]:
+    """At most ``max_frames`` evenly spaced saved evaluations as snapshots whose titles count the images
+    the maps are over (``sample_size`` for entries saved before the count was)."""
+    kept = [history[i] for i in strip_indices(len(history), max_frames)]
+    return [replace(expand(h), sample_size=int(h.get("images", sample_size))) for h in kept]
 
 
 def step_metrics(stats: StepStats) -> dict[str, float | None]:
@@ -58,6 +78,7 @@ class Recorder:
         self.head = None  # C with precise statistics, from the last evaluation (exported at the end)
         self.class_names = data.class_names
         self.history: list[dict[str, Any]] = []
+        self.figures: dict[str, Image.Image] = {}  # the last evaluation's heatmaps, filed again at the end
 
     def step(self, stats: StepStats, images_per_s: float, data_wait: float) -> None:
         if self.logger is not None:
@@ -69,7 +90,8 @@ class Recorder:
         ev = evaluate(self.engine, self.images, self.labels, self.norm, self.train_images)
         self.head = ev.head
         self.history = [h for h in self.history if h["step"] < ev.step] + [
-            {**condensed(ev.snapshot), "val_top1": ev.val_top1, "val_loss": ev.val_loss}]
+            {**condensed(ev.snapshot), "images": ev.snapshot.image_count, "val_top1": ev.val_top1,
+             "val_loss": ev.val_loss}]
         if self.logger is not None:
             self.logger.metrics(ev.metrics(), ev.step)
             self.logger.flush()
@@ -78,8 +100,10 @@ class Recorder:
             def heatmaps() -> None:  # a drawing error must not stop training either
                 images = (render_mean(snap), render_panel(snap, class_names=self.class_names),
                           render_classes(snap, self.class_names))
-                for key, image in zip(HEATMAP_KEYS, images):
+                self.figures = dict(zip(HEATMAP_KEYS, images))
+                for key, image in self.figures.items():
                     self.logger.client.log_image(self.logger.run_id, image, key=key, step=ev.step)
+                    self.logger.client.log_image(self.logger.run_id, image, artifact_file=figure_path(key, ev.step))
 
             self.logger.guarded("heatmaps", heatmaps)
         return ev
@@ -103,12 +127,15 @@ class Recorder:
         self.logger.metrics(values, self.engine.iteration)
         self.logger.flush()
         with tempfile.TemporaryDirectory(prefix="mlo-mae-artifacts-") as folder:
+            heatmaps = os.path.join(folder, "heatmaps")
+            os.makedirs(os.path.join(heatmaps, "final"))
             if self.history:  # at most GIF_FRAMES evenly spaced frames: ~1 MB each in memory
-                kept = [self.history[i] for i in strip_indices(len(self.history), GIF_FRAMES)]
-                frames, strip = render_evolution([expand(h) for h in kept])
-                save_gif(frames, os.path.join(folder, "mask_evolution.gif"))
-                strip.save(os.path.join(folder, "mask_strip.png"))
-                self.logger.artifacts(folder, "heatmaps")
+                frames, strip = render_evolution(history_snapshots(self.history, len(self.images)))
+                save_gif(frames, os.path.join(heatmaps, "mask_evolution.gif"))
+                strip.save(os.path.join(heatmaps, "mask_strip.png"))
+            for key, image in self.figures.items():
+                image.save(os.path.join(folder, figure_path(key)))
+            self.logger.artifacts(heatmaps, "heatmaps")
             model_dir = os.path.join(folder, "model")
             save_encoder(self.engine.mae, self.cfg.model, model_dir, head=self.head)
             self.logger.artifacts(model_dir, "model")

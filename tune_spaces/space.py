@@ -29,6 +29,7 @@ from typing import Any
 
 from mlo_mae import config as config_mod
 from mlo_mae.config import ConfigError, yaml_problem
+from mlo_mae.errors import InputError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 TOP_LEVEL = ("description", "space", "fixed")
@@ -36,7 +37,7 @@ NOT_SEARCHABLE = ("preset", "data.dataset", "run.device", "run.precision")  # fl
 BUILT_IN = Path(__file__).resolve().parent
 
 
-class SpaceError(ValueError):
+class SpaceError(InputError):
     """A bad search-space file; one line naming the file and the key."""
 
 

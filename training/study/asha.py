@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-from .storage import filesystem
+from ..storage import filesystem
 
 
 class KeptASHA(ASHAScheduler):
