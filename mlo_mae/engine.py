@@ -292,7 +292,9 @@ class MLOEngine:
         self.sync([loss] + [p.grad for p in module.parameters() if p.grad is not None] + stats)
         value = float(loss)
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite {LEVEL_NAMES[level]} loss ({value}) at iteration {self.iteration}")
+            # iterations count from 1, as the progress lines do: this is the one being computed
+            raise NonFiniteLossError(f"non-finite {LEVEL_NAMES[level]} loss ({value}) at iteration "
+                                     f"{self.iteration + 1}")
         set_lr(self.optimizers[level], self.lr(level))
         self.optimizers[level].step()
         self.level_steps[level] += 1

@@ -3,7 +3,6 @@ components: one MLflow store, one folder for the prepared digits, one Ray cluste
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 from typing import Iterator
@@ -11,6 +10,7 @@ from typing import Iterator
 import pytest
 import torch
 
+from cli_runner import run_cli
 from mlo_mae.config import Config, ModelConfig, resolve
 
 torch.set_num_threads(2)
@@ -68,34 +68,10 @@ def mlflow_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
-@dataclasses.dataclass
-class CliResult:
-    """What ``mlo-mae ARGS`` returned, shaped like ``subprocess.CompletedProcess``."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def cli_run(capsys, monkeypatch):
-    """``mlo-mae ARGS`` in this process (no interpreter start, no new Ray connection): the command's real
-    entry point with its exit status and output. Tests of exit codes on signals use a real process."""
-    from cli import main
-
-    def run(*args: str, cwd=None) -> CliResult:
-        if cwd is not None:
-            monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-        out, err = capsys.readouterr()
-        return CliResult(code, out, err)
-
-    return run
+def cli_run():
+    """``mlo-mae ARGS`` in this process (see ``cli_runner.run_cli``)."""
+    return run_cli
 
 
 def tiny_model() -> ModelConfig:

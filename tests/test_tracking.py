@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from cli_runner import run_cli
 from PIL import Image
 
 from mlo_mae.config import resolve
@@ -31,12 +33,13 @@ from training.pretrained import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # the runs join the session's cluster
 RUN_ID = re.compile(r"^MLflow run ([0-9a-f]{32}) ", re.M)
 
 
 def mlo_mae(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+    """The command in this process (module fixtures cannot take the cli_run fixture)."""
+    return run_cli(*args, cwd=cwd)
 
 
 def _free_port() -> int:
@@ -94,12 +97,33 @@ def runs(server, sealed_digits, tmp_path_factory):
     common = ["--max-steps", str(STEPS), "--batch-size", "16", "--dataset", str(sealed_digits),
               "-o", "run.log_every=1", "-o", "run.eval_every=2", "-o", "run.eval_samples=40",
               "-o", "run.probe=false", "--tracking-uri", server, "--experiment", "tracked"]
-    ids = {}
+    ids, stdout = {}, {}
     for name, extra in (("mlo", []), ("base", ["--baseline"])):
         result = mlo_mae("pretrain", "--name", name, *common, *extra, cwd=cwd)
         assert result.returncode == 0, result.stderr
-        ids[name] = RUN_ID.search(result.stdout).group(1)
-    return {"uri": server, "ids": ids, "cwd": cwd, "data": sealed_digits}
+        ids[name], stdout[name] = RUN_ID.search(result.stdout).group(1), result.stdout
+    return {"uri": server, "ids": ids, "stdout": stdout, "cwd": cwd, "data": sealed_digits}
+
+
+def test_a_run_prints_its_shape_saves_its_state_and_keeps_its_name(runs, cli_run):
+    lines = runs["stdout"]["mlo"].splitlines()
+    assert ("1 worker(s) | global batch 16 (= 1 x 16 per worker) | lr scaling 'linear' x1: lr_mae 0.0003, "
+            "lr_head 0.01, lr_mask 0.001") in lines
+    assert any(line.startswith(f"step {STEPS}/{STEPS} | L_I ") and "L_III" in line and "ETA" in line
+               and "img/s" in line for line in lines)
+    run_dir = runs["cwd"] / "ray_results" / "mlo"
+    final = Path(runs["stdout"]["mlo"].split("final checkpoint: ", 1)[1].splitlines()[0].strip())
+    assert final.parent == run_dir
+    state = torch.load(final / "state.pt", weights_only=True)
+    assert state["engine"]["iteration"] == STEPS
+    assert state["engine"]["level_steps"] == {"mae": 2 * STEPS, "head": 4 * STEPS, "mask": STEPS}  # 4 C steps
+    assert yaml.safe_load((run_dir / "mlo-mae-run.yaml").read_text())["config"]["run"]["max_steps"] == STEPS
+    again = cli_run("pretrain", "--max-steps", "3", "--name", "mlo", cwd=runs["cwd"])
+    assert again.returncode == 2 and "run 'mlo' already exists" in again.stderr
+    missing = cli_run("pretrain", "--resume", "nothing", cwd=runs["cwd"])
+    assert missing.returncode == 2 and "--resume: no run 'nothing'" in missing.stderr
+    mixed = cli_run("pretrain", "--resume", "mlo", "--seed", "3", cwd=runs["cwd"])
+    assert mixed.stderr == "mlo-mae: error: --resume continues a run with its saved settings; drop --seed\n"
 
 
 def _client(uri):

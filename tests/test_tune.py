@@ -19,6 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from cli_runner import run_cli
 
 from mlo_mae import config as config_mod
 from training.study import checks, results
@@ -29,10 +30,6 @@ from tune_spaces.space import load_space
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, str(ROOT / "cli.py")]
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def mlo_mae(*args, cwd, timeout=900):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def _runs(uri: str, experiment: str) -> list:
@@ -132,12 +129,14 @@ def test_grace_period_falls_on_an_evaluation():
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    """cpu-smoke, 3 trials one at a time, ASHA on val_loss (C's sampled learning rate spreads it);
+    """cpu-smoke, 2 trials one at a time, ASHA on val_loss (C's sampled learning rate spreads it: search
+    seed 4 samples lr_head 8.5e-3, then 1.3e-4, which falls behind at the first rung);
     SIGINT while the first trial trains past its checkpoint at iteration 4, then --resume. Real processes:
     the interruption is a signal. The session's MLflow store, experiment 'study'."""
     cwd = tmp_path_factory.mktemp("study")
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    args = ["tune", "--space", "cpu-smoke", "--num-samples", "3", "--max-concurrent", "1", "--metric", "val_loss",
+    args = ["tune", "--space", "cpu-smoke", "--num-samples", "2", "--search-seed", "4", "--max-concurrent", "1",
+            "--metric", "val_loss",
             "--name", "smoke", "--tracking-uri", uri, "--experiment", "study"]
     proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first: list[str] = []
@@ -151,7 +150,7 @@ def smoke_study(tmp_path_factory):
     out, err = proc.communicate(timeout=300)
     interrupted = {"stdout": "".join(first) + out, "stderr": err, "rc": proc.returncode,
                    "statuses": {r.info.run_name: r.info.status for r in _runs(uri, "study")}}
-    resumed = mlo_mae("tune", "--resume", "smoke", cwd=cwd)
+    resumed = run_cli("tune", "--resume", "smoke", cwd=cwd)  # in this process: only the interruption needs one
     return {"cwd": cwd, "uri": uri, "interrupted": interrupted, "resumed": resumed,
             "folder": cwd / "ray_results" / "smoke"}
 
@@ -168,7 +167,7 @@ def test_resumed_study_finishes_with_asha_stopping_trials(smoke_study):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with open(smoke_study["folder"] / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 3
+    assert len(rows) == 2
     statuses = [r["status"] for r in rows]
     assert statuses.count("stopped early") >= 1 and set(statuses) <= {"finished", "stopped early"}, statuses
     for r in rows:  # stopped early: behind at a rung, before the end
@@ -195,7 +194,7 @@ def test_study_is_one_parent_run_with_one_child_per_trial(smoke_study):
     assert parent.info.status == "FINISHED" and parent.data.tags[STUDY_TAG] == "smoke"
     assert parent.data.params["space.optim.lr_mask"] == "loguniform(1e-05, 0.001)"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and len(runs) == 4  # the resumed trial kept its run: no fourth child
+    assert len(children) == 2 and len(runs) == 3  # the resumed trial kept its run: no third child
     with open(smoke_study["folder"] / "results.csv") as handle:
         rows = {r["mlflow_run_id"]: r for r in csv.DictReader(handle)}
     client = mlflow.MlflowClient(smoke_study["uri"])
@@ -238,7 +237,7 @@ def test_a_failing_trial_is_reported_and_the_next_one_picks_the_best_by_probe(tm
     space = _write(tmp_path / "grid.yaml", "space:\n  optim.lr_mae: {grid: [1.0e+30, 3.0e-4]}\n"
                    "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n"
                    "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = os.environ["MLFLOW_TRACKING_URI"]  # the session's store: its schema exists already
     result = cli_run("tune", "--space", str(space), "--num-samples", "1", "--scheduler", "fifo", "--metric",
                      "probe_val_top1", "--name", "grid", "--tracking-uri", uri, "--experiment", "grid", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -254,23 +253,23 @@ def test_a_failing_trial_is_reported_and_the_next_one_picks_the_best_by_probe(tm
 
 
 def test_optuna_study_whose_trial_fails_ends_failed(tmp_path, cli_run):
-    """Optuna samples an lr that diverges at once: the trial fails with the NaN line; with no trial finished
-    the study fails (exit 1) and so does its MLflow parent run."""
-    space = _write(tmp_path / "diverge.yaml", "space:\n  optim.lr_mae: {loguniform: [1.0e+29, 1.0e+30]}\n"
-                   "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n  run.probe: false\n"
-                   "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = cli_run("tune", "--space", str(space), "--num-samples", "1", "--search", "optuna", "--name", "nan",
-                     "--tracking-uri", uri, "--experiment", "nan", cwd=tmp_path)
+    """Optuna samples a width and a head count that each fit the base config but not each other: the trial
+    fails with the config's one line before it trains; with no trial finished the study fails (exit 1)
+    and so does its MLflow parent run."""
+    space = _write(tmp_path / "heads.yaml", "space:\n  model.embed_dim: {choice: [195, 189]}\n"
+                   "  model.num_heads: {choice: [64, 32]}\n"
+                   "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.probe: false\n")
+    uri = os.environ["MLFLOW_TRACKING_URI"]  # the session's store: its schema exists already
+    result = cli_run("tune", "--space", str(space), "--num-samples", "1", "--search", "optuna", "--name", "heads",
+                     "--tracking-uri", uri, "--experiment", "heads", cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stdout.count("failed: training stopped: non-finite") == 2, result.stdout  # progress + table
+    assert result.stdout.count("must divide by their number of heads") == 2, result.stdout  # progress + table
     assert result.stderr.strip().splitlines() == ["mlo-mae: error: no trial ran to its end with a val_top1; see the "
                                                   "table above (the trials' output is in the Ray logs, "
                                                   "/tmp/ray/session_latest/logs)"]
-    runs = _runs(uri, "nan")
-    children = [r for r in runs if r.data.tags.get("mlo_mae.kind") == "pretrain"]
-    assert len(children) == 1 and children[0].info.status == "FAILED"
-    parent = next(r for r in runs if r.data.tags.get("mlo_mae.kind") == "tune")
+    runs = _runs(uri, "heads")
+    assert [r.data.tags.get("mlo_mae.kind") for r in runs] == ["tune"]  # the trial failed before its run
+    parent = runs[0]
     assert parent.info.status == "FAILED" and parent.data.metrics["trials/failed"] == 1
     assert parent.data.params["tune.search"] == "optuna"
-    assert not (tmp_path / "ray_results" / "nan" / "best-config.yaml").exists()
+    assert not (tmp_path / "ray_results" / "heads" / "best-config.yaml").exists()

@@ -17,6 +17,16 @@ from .settings import StudySettings, trial_number
 from .trial import STOPPED_EARLY_TAG
 
 
+def release_groups(group_ids: list[str]) -> None:
+    """Remove the placement groups among ``group_ids`` that still hold resources (their trials ended)."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    table = placement_group_table()
+    for group_id in group_ids:
+        if table.get(group_id, {}).get("state") == "CREATED":
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
 class StudyMonitor(ray.tune.Callback):
     """Progress lines for the user, and the MLflow side of what Tune decides: the runs of trials that
     a scheduler stopped (their process was ended, not finished) and the study's best value so far.
@@ -69,16 +79,10 @@ class StudyMonitor(ray.tune.Callback):
             self.__dict__.setdefault("_to_release", []).append((time.monotonic() + self.RELEASE_AFTER_S, group_id))
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        from ray.util.placement_group import PlacementGroup, placement_group_table
-
         due = [g for t, g in self.__dict__.get("_to_release", []) if t <= time.monotonic()]
-        if not due:
-            return
-        self._to_release = [(t, g) for t, g in self._to_release if g not in due]
-        table = placement_group_table()
-        for group_id in due:
-            if table.get(group_id, {}).get("state") == "CREATED":
-                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+        if due:
+            self._to_release = [(t, g) for t, g in self._to_release if g not in due]
+            release_groups(due)
 
     def _close(self, trial, status: str, tags: dict[str, str]) -> None:
         """End the trial's MLflow run as Tune ended the trial (the trial never ends it itself)."""

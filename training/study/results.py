@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mlo_mae import config as config_mod
+
 from ..launch import last_error_line
 from ..storage import filesystem, read_run
 from ..worker import total_iterations
@@ -29,7 +31,7 @@ class TrialRow:
     params: dict[str, Any]
     metric: float | None
     iteration: int | None
-    total: int
+    total: int | None  # None: a sampled combination the config rejects
     status: str  # finished | stopped early | failed | interrupted | pending
     run_id: str | None
     error: str = ""
@@ -41,17 +43,22 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def trial_outcome(status: str, iteration: int | None, total: int) -> str:
+def trial_outcome(status: str, iteration: int | None, total: int | None) -> str:
     if status == "ERROR":
         return "failed"
     if status == "TERMINATED":
-        return "finished" if iteration is not None and iteration >= total else "stopped early"
+        return "finished" if iteration is not None and total is not None and iteration >= total else "stopped early"
     return "interrupted" if status in ("RUNNING", "PAUSED") else "pending"
 
 
-def trial_total(settings: StudySettings, sample: dict[str, Any]) -> int:
-    """The iterations a trial with these sampled values runs when nothing stops it."""
-    return total_iterations(trial_config(settings.base, sample), settings.train_rows)
+def trial_total(settings: StudySettings, sample: dict[str, Any]) -> int | None:
+    """The iterations a trial with these sampled values runs when nothing stops it; None for a combination
+    the config rejects (each value fitted the base, together they do not): that trial fails with the
+    config's line, and the study goes on."""
+    try:
+        return total_iterations(trial_config(settings.base, sample), settings.train_rows)
+    except config_mod.ConfigError:
+        return None
 
 
 def trial_run_id(settings: StudySettings, trial_id: str) -> str | None:
@@ -106,7 +113,7 @@ def table(rows: list[TrialRow], metric: str) -> tuple[list[str], list[list[str]]
     header = ["trial", *keys, metric, "iterations", "status", "mlflow run"]
     body = [[r.number, *(format_value(r.params.get(k)) for k in keys),
              "-" if r.metric is None or r.status == "failed" else f"{r.metric:.4f}",
-             f"{r.iteration if r.iteration is not None else 0}/{r.total}",
+             f"{r.iteration if r.iteration is not None else 0}/{r.total if r.total is not None else '-'}",
              r.status + (f": {r.error}" if r.error else ""), (r.run_id or "-")[:12]] for r in rows]
     return header, body
 

@@ -184,6 +184,23 @@ def run(settings: StudySettings, space: SearchSpace, echo: Echo, resume: bool = 
     except Exception as err:  # a Tune or MLflow failure: one line, and the runs end FAILED
         end_runs(settings, "FAILED", echo)
         raise RunFailed(f"the study failed: {last_error_line(err)}") from None
+    finally:
+        release_trial_groups(settings, echo)
+
+
+def release_trial_groups(settings: StudySettings, echo: Echo) -> None:
+    """Every trial has ended once the Tuner returns: remove the workers' placement groups that Ray Train
+    left (see ``StudyMonitor``). A driver that goes on (a notebook, the tests) would otherwise keep their
+    CPUs reserved, and its next run would wait for them forever; an exiting one loses them anyway."""
+    from ray.tune import ExperimentAnalysis
+
+    from .monitor import release_groups
+
+    try:
+        trials = ExperimentAnalysis(settings.folder).trials if has_state(settings.folder) else []
+        release_groups([g for t in trials if (g := (t.last_result or {}).get("placement_group"))])
+    except Exception as err:  # noqa: BLE001 - the study's outcome stands
+        echo(f"warning: could not release the trials' placement groups: {last_error_line(err)}")
 
 
 def end_runs(settings: StudySettings, status: str, echo: Echo) -> None:
