@@ -49,15 +49,17 @@ def cluster_pids(temp: str) -> tuple[set[int], set[int]]:
     return own, {pid for pid, (parent, _) in procs.items() if parent in raylets}
 
 
-def stop_cluster(temp: str) -> None:
+def stop_cluster(temp: str, grace_s: float = 2.0) -> None:
+    """SIGTERM to the cluster's processes, SIGKILL to those still there after ``grace_s``."""
     own, workers = cluster_pids(temp)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         for pid in own | workers:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        for _ in range(20):
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
             if not any(Path(f"/proc/{pid}").exists() for pid in own | workers):
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
