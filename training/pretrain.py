@@ -20,7 +20,7 @@ from pipelines.manifest import PreparedDataset
 
 from . import tracking
 from .launch import Launch, TrainingInterrupted, batch_problem, run_params, run_pretrain
-from .storage import read_run, storage_uri, write_run
+from .storage import read_run, resume_hint, storage_uri, write_run
 
 Echo = Callable[[str], None]
 
@@ -71,11 +71,6 @@ def check_device(cfg: config_mod.Config, launch: Launch) -> None:
             raise InputError(str(err)) from None
     if cfg.run.precision == "bf16" and not on_cuda:
         raise InputError("--precision bf16 needs a CUDA device; use fp32 on CPU (or --device cuda on a GPU cluster)")
-
-
-def _resume_hint(launch: Launch) -> str:
-    storage = f" --storage-path {launch.storage_path}" if launch.storage_path != "ray_results" else ""
-    return f"continue with 'mlo-mae pretrain --resume {launch.name}'{storage}"
 
 
 def _header(cfg: config_mod.Config, data: PreparedDataset, launch: Launch, resume: bool, echo: Echo) -> None:
@@ -140,7 +135,8 @@ def pretrain(cfg: config_mod.Config, launch: Launch, run: RunTracking | None, ec
         metrics = run_pretrain(cfg, data, launch, echo, logged, callbacks)
     except TrainingInterrupted as stop:
         end("KILLED")
-        raise Interrupted(f"interrupted; the checkpoints are kept: {_resume_hint(launch)}", stop.signum) from None
+        hint = resume_hint("pretrain", launch.name, launch.storage_path)
+        raise Interrupted(f"interrupted; the checkpoints are kept: {hint}", stop.signum) from None
     except BaseException:
         end("FAILED")  # a TrainingError, or an unexpected one: the MLflow run must not stay RUNNING
         raise

@@ -20,6 +20,13 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def resume_hint(command: str, name: str, storage_path: str) -> str:
+    """How to continue run or study ``name`` of ``mlo-mae COMMAND``: ``--storage-path`` only when it is not
+    the default folder."""
+    storage = f" --storage-path {storage_path}" if storage_uri(storage_path) != storage_uri("ray_results") else ""
+    return f"continue with 'mlo-mae {command} --resume {name}'{storage}"
+
+
 def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """The pyarrow filesystem of ``uri`` (local without a scheme) and the path inside it."""
     return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)

@@ -18,7 +18,7 @@ from tune_spaces.space import SearchSpace, load_space
 from .. import tracking
 from ..launch import batch_problem, connect, last_error_line, warn_local_store
 from ..signals import last_signal, sigterm_as_sigint
-from ..storage import storage_uri
+from ..storage import resume_hint, storage_uri
 from . import checks
 from .results import BEST_CONFIG, TrialRow, best_config_yaml, best_row, results, results_csv, write_text
 from .settings import SPACE_COPY, StudyError, StudyOptions, StudySettings, StudyTracking, TrialSpec
@@ -122,10 +122,8 @@ def expected_trials(settings: StudySettings, space: SearchSpace) -> int:
 
 
 def _interrupted(settings: StudySettings, signum: int) -> Interrupted:
-    storage = (f" --storage-path {settings.storage}" if settings.storage != os.path.abspath("ray_results")
-               else "")
-    return Interrupted(f"interrupted; the finished trials and the checkpoints are kept: continue with 'mlo-mae "
-                       f"tune --resume {settings.name}'{storage}", signum)
+    return Interrupted("interrupted; the finished trials and the checkpoints are kept: "
+                       + resume_hint("tune", settings.name, settings.storage), signum)
 
 
 def fit(tuner, settings: StudySettings, expected: int) -> None:
