@@ -68,6 +68,33 @@ def mlflow_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on loopback (sqlite backend, proxied artifacts); ``.uri`` waits until it answers."""
+    from shared_runs import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sealed_digits(tmp_path_factory):
+    """Digits prepared afresh, then every test shard overwritten: reading the test split fails."""
+    from shared_runs import seal_digits
+
+    return seal_digits(tmp_path_factory.mktemp("sealed") / "digits")
+
+
+@pytest.fixture(scope="session")
+def reference(mlflow_server, ray_cluster, sealed_digits, tmp_path_factory):
+    """The suite's one uninterrupted 2-worker run (see ``shared_runs``), logged to the session's server
+    (started first: it comes up while the cluster starts and the data is sealed)."""
+    from shared_runs import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("reference") / "runs", sealed_digits, mlflow_server.uri)
+
+
 @pytest.fixture
 def cli_run():
     """``mlo-mae ARGS`` in this process (see ``cli_runner.run_cli``)."""

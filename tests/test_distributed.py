@@ -2,10 +2,11 @@
 stop and resume, divergence.
 
 The session's cluster (``ray start --head``, 2 CPUs, see conftest) serves every
-run here through ``--address``; the runs are real ``mlo-mae`` processes, since
-signals and exit codes are under test. Every run has the same seed and settings, so every way of
-reaching the last iteration (uninterrupted, a worker killed, stopped and
-resumed) must end with the same parameters.
+run here through ``--address``; the runs are real ``mlo-mae`` processes where
+signals and exit codes are under test. Every run has the seed, settings and data of the session's
+uninterrupted reference run (``shared_runs``, which ``test_tracking`` reads too), so every way of
+reaching the last iteration (uninterrupted, a worker killed, stopped and resumed) must end with the
+same parameters.
 """
 
 from __future__ import annotations
@@ -19,13 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli
 from cluster import cluster_pids, processes
+from shared_runs import STEPS, TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 7
-RUN = ["--workers", "2", "--max-steps", str(STEPS), "--batch-size", "16", "-o", "run.log_every=1",
-       "-o", "run.checkpoint_every=2", "-o", "run.probe=false"]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| ")
 
 
@@ -41,11 +39,6 @@ def _command(storage: Path, *args: str) -> list[str]:
 
 def _env(address: str) -> dict:
     return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
-
-
-def run(address: str, storage: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(storage, *args), capture_output=True, text=True, env=_env(address),
-                          timeout=900)
 
 
 def run_until(address: str, storage: Path, actions: list, *args: str) -> tuple[int, str, str]:
@@ -91,16 +84,13 @@ def assert_continuous(seen: list[int], resumed_at: int, last: int = STEPS) -> No
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
-    """The uninterrupted 2-worker run (in this process: no signal is under test)."""
-    storage = tmp_path_factory.mktemp("runs")
-    result = run_cli("pretrain", "--storage-path", storage, *RUN, "--name", "reference")
-    assert result.returncode == 0, result.stderr
-    return result
+def flags(reference):
+    """The reference run's training flags and data: every run here must end like it."""
+    return [*TRAINING, "--dataset", str(reference["data"])]
 
 
 def test_two_workers_finish_with_identical_replicas(reference):
-    out = reference.stdout
+    out = reference["result"].stdout
     assert "2 worker(s) | global batch 32 (= 2 x 16 per worker) | lr scaling 'linear' x2" in out
     assert steps(out) == list(range(1, STEPS + 1))
     line = re.search(r"^2 replicas identical: rank 0 (.+); rank 1 (.+)$", out, re.M)
@@ -112,7 +102,7 @@ def test_two_workers_finish_with_identical_replicas(reference):
 
 
 def test_a_killed_worker_and_a_stopped_driver_both_end_like_the_uninterrupted_run(cluster, ray_cluster, reference,
-                                                                                  tmp_path, cli_run):
+                                                                                  flags, tmp_path, cli_run):
     """One run, two faults: a worker killed at iteration 3 (Ray Train restarts the group from the checkpoint
     at 2 and the run goes on), then SIGTERM to the driver at iteration 5 (what a scheduler or `kill` sends;
     Ctrl-C takes the same path): exit 143 and how to continue. ``--resume`` goes on from the checkpoint at 4.
@@ -125,7 +115,7 @@ def test_a_killed_worker_and_a_stopped_driver_both_end_like_the_uninterrupted_ru
         os.kill(pids[-1], signal.SIGKILL)
 
     code, out, err = run_until(cluster, tmp_path, [(3, kill_a_worker), (5, lambda p: p.send_signal(signal.SIGTERM))],
-                               *RUN, "--name", "faults")
+                               *flags, "--name", "faults")
     assert code == 128 + signal.SIGTERM, err
     assert "continue with 'mlo-mae pretrain --resume faults'" in err
     restarted = re.findall(r"^resumed from the checkpoint at iteration (\d+)/", out, re.M)
@@ -133,30 +123,32 @@ def test_a_killed_worker_and_a_stopped_driver_both_end_like_the_uninterrupted_ru
     seen = steps(out)
     assert_continuous(seen, int(restarted[0]), seen[-1])
     assert seen[-1] >= 5
-    again = cli_run("pretrain", "--storage-path", tmp_path, *RUN, "--name", "faults")
+    again = cli_run("pretrain", "--storage-path", tmp_path, *flags, "--name", "faults")
     assert again.returncode == 2 and "already exists" in again.stderr
     wrong = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults", "--workers", "1")
     assert wrong.returncode == 2 and "started with 2 workers" in wrong.stderr
-    resumed = run(cluster, tmp_path, "--resume", "faults", "--workers", "2")
+    resumed = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults", "--workers", "2")
     assert resumed.returncode == 0, resumed.stderr
     at = int(re.search(r"^resumed from the checkpoint at iteration (\d+)/", resumed.stdout, re.M).group(1))
     assert at in (4, 6) and at <= seen[-1]  # the last checkpoint before the SIGTERM landed
     assert steps(resumed.stdout) == list(range(at + 1, STEPS + 1))
-    assert_same_parameters(final_state(resumed.stdout), final_state(reference.stdout))
+    assert_same_parameters(final_state(resumed.stdout), final_state(reference["result"].stdout))
 
 
-def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(cluster, tmp_path, cli_run,
+def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(cluster, flags, tmp_path, cli_run,
                                                                             monkeypatch):
-    """Rank 1's 9th Stage-I batch (the first of iteration 5) is NaN: the averaged loss is NaN on both
-    ranks, both stop before updating, the run ends with one line and is not retried."""
-    monkeypatch.setenv("MLO_MAE_INJECT_NAN", "mae:8:1")
-    result = cli_run("pretrain", "--storage-path", tmp_path, *RUN, "--name", "diverged")
+    """Rank 1's 7th Stage-I batch (the first of iteration 4) is NaN: the averaged loss is NaN on both
+    ranks, both stop before updating, the run ends with one line and is not retried. A checkpoint every
+    iteration: the last two of the three written are kept."""
+    monkeypatch.setenv("MLO_MAE_INJECT_NAN", "mae:6:1")
+    result = cli_run("pretrain", "--storage-path", tmp_path, *flags, "-o", "run.checkpoint_every=1",
+                     "--name", "diverged")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines == ["mlo-mae: error: training stopped: non-finite Stage-I (reconstruction) loss (nan) at "
-                     "iteration 5; the last good checkpoint (iteration 4) is kept"], result.stderr
+                     "iteration 4; the last good checkpoint (iteration 3) is kept"], result.stderr
     assert "resumed" not in result.stdout  # a NaN is not retried
-    assert steps(result.stdout) == [1, 2, 3, 4]
+    assert steps(result.stdout) == [1, 2, 3]
     kept = sorted(torch.load(folder / "state.pt", weights_only=True)["engine"]["iteration"]
                   for folder in (tmp_path / "diverged").glob("checkpoint_*") if folder.is_dir())
-    assert kept == [2, 4]  # run.keep_checkpoints: the last two
+    assert kept == [2, 3]  # run.keep_checkpoints: the last two

@@ -1,5 +1,6 @@
 """Runs recorded in a real `mlflow server` (sqlite backend, proxied artifacts, loopback, a free port),
-read back through `MlflowClient` as a user of the MLflow UI would see them.
+read back through `MlflowClient` as a user of the MLflow UI would see them: the session's 2-worker
+reference run (``shared_runs``; ``test_distributed`` compares its faulted runs with it) and a baseline run.
 
 The data set is a copy of the built-in digits whose test shards are overwritten
 with garbage after preparation: a pretrain run and every fine-tuning epoch
@@ -12,16 +13,14 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from cli_runner import run_cli
+from shared_runs import RUN_ID, STEPS, free_port
 from PIL import Image
 
 from mlo_mae.config import resolve
@@ -32,9 +31,9 @@ from training import tracking
 from training.pretrained import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 4
+BASELINE_STEPS = 2
+EVALUATIONS = {"mlo": [0, 4, STEPS], "base": [0, BASELINE_STEPS]}  # every 4 (mlo), 2 (base), and the end
 pytestmark = pytest.mark.usefixtures("ray_cluster")  # the runs join the session's cluster
-RUN_ID = re.compile(r"^MLflow run ([0-9a-f]{32}) ", re.M)
 
 
 def mlo_mae(*args, cwd):
@@ -42,87 +41,42 @@ def mlo_mae(*args, cwd):
     return run_cli(*args, cwd=cwd)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``mlflow server`` on loopback; its URI. Stopped with SIGTERM at the end of the module."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server",
-                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                             "--artifacts-destination", str(folder / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), env=env)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, "mlflow server did not answer /health in 180 s"
-        time.sleep(1)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def sealed_digits(tmp_path_factory):
-    """Digits prepared afresh, then every test shard overwritten: reading the test split fails."""
-    folder = tmp_path_factory.mktemp("data") / "digits"
-    prepared = mlo_mae("prepare", "digits", str(folder), "--shard-rows", "128", cwd=folder.parent)
-    assert prepared.returncode == 0, prepared.stderr
-    test_shards = sorted((folder / "test").glob("*.parquet"))
-    assert test_shards
-    for shard in test_shards:
-        shard.write_bytes(b"not a parquet file")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def runs(server, sealed_digits, tmp_path_factory):
-    """An MLO-MAE and a baseline run on the sealed data, logged to the server."""
-    cwd = tmp_path_factory.mktemp("work")
-    common = ["--max-steps", str(STEPS), "--batch-size", "16", "--dataset", str(sealed_digits),
-              "-o", "run.log_every=1", "-o", "run.eval_every=2", "-o", "run.eval_samples=40",
-              "-o", "run.probe=false", "--tracking-uri", server, "--experiment", "tracked"]
-    ids, stdout = {}, {}
-    for name, extra in (("mlo", []), ("base", ["--baseline"])):
-        result = mlo_mae("pretrain", "--name", name, *common, *extra, cwd=cwd)
-        assert result.returncode == 0, result.stderr
-        ids[name], stdout[name] = RUN_ID.search(result.stdout).group(1), result.stdout
-    return {"uri": server, "ids": ids, "stdout": stdout, "cwd": cwd, "data": sealed_digits}
+def runs(reference, tmp_path_factory):
+    """The session's MLO-MAE reference run (2 workers, see ``shared_runs``) and a short 1-worker baseline run
+    beside it, both on the sealed data and logged to the session's ``mlflow server``."""
+    cwd = reference["storage"].parent
+    base = mlo_mae("pretrain", "--name", "base", "--baseline", "--storage-path", reference["storage"],
+                   "--max-steps", str(BASELINE_STEPS), "--batch-size", "16", "--dataset", str(reference["data"]),
+                   "-o", "run.eval_every=2", "-o", "run.eval_samples=32", "-o", "run.probe=false",
+                   "--tracking-uri", reference["uri"], "--experiment", "tracked", cwd=cwd)
+    assert base.returncode == 0, base.stderr
+    return {"uri": reference["uri"], "ids": {"mlo": reference["run_id"], "base": RUN_ID.search(base.stdout).group(1)},
+            "stdout": {"mlo": reference["result"].stdout, "base": base.stdout}, "cwd": cwd,
+            "storage": reference["storage"], "data": reference["data"]}
 
 
 def test_a_run_prints_its_shape_saves_its_state_and_keeps_its_name(runs, cli_run):
-    lines = runs["stdout"]["mlo"].splitlines()
     assert ("1 worker(s) | global batch 16 (= 1 x 16 per worker) | lr scaling 'linear' x1: lr_mae 0.0003, "
-            "lr_head 0.01, lr_mask 0.001") in lines
+            "lr_head 0.01, lr_mask 0.001") in runs["stdout"]["base"].splitlines()
+    lines = runs["stdout"]["mlo"].splitlines()
+    assert ("2 worker(s) | global batch 32 (= 2 x 16 per worker) | lr scaling 'linear' x2: lr_mae 0.0006, "
+            "lr_head 0.02, lr_mask 0.002") in lines
     assert any(line.startswith(f"step {STEPS}/{STEPS} | L_I ") and "L_III" in line and "ETA" in line
                and "img/s" in line for line in lines)
-    run_dir = runs["cwd"] / "ray_results" / "mlo"
+    run_dir = runs["storage"] / "reference"
     final = Path(runs["stdout"]["mlo"].split("final checkpoint: ", 1)[1].splitlines()[0].strip())
     assert final.parent == run_dir
     state = torch.load(final / "state.pt", weights_only=True)
     assert state["engine"]["iteration"] == STEPS
     assert state["engine"]["level_steps"] == {"mae": 2 * STEPS, "head": 4 * STEPS, "mask": STEPS}  # 4 C steps
     assert yaml.safe_load((run_dir / "mlo-mae-run.yaml").read_text())["config"]["run"]["max_steps"] == STEPS
-    again = cli_run("pretrain", "--max-steps", "3", "--name", "mlo", cwd=runs["cwd"])
-    assert again.returncode == 2 and "run 'mlo' already exists" in again.stderr
-    missing = cli_run("pretrain", "--resume", "nothing", cwd=runs["cwd"])
+    storage = ["--storage-path", runs["storage"]]
+    again = cli_run("pretrain", *storage, "--max-steps", "3", "--name", "reference", cwd=runs["cwd"])
+    assert again.returncode == 2 and "run 'reference' already exists" in again.stderr
+    missing = cli_run("pretrain", *storage, "--resume", "nothing", cwd=runs["cwd"])
     assert missing.returncode == 2 and "--resume: no run 'nothing'" in missing.stderr
-    mixed = cli_run("pretrain", "--resume", "mlo", "--seed", "3", cwd=runs["cwd"])
+    mixed = cli_run("pretrain", *storage, "--resume", "reference", "--seed", "3", cwd=runs["cwd"])
     assert mixed.stderr == "mlo-mae: error: --resume continues a run with its saved settings; drop --seed\n"
 
 
@@ -142,7 +96,7 @@ def _files(client, run_id, path=None):
 def test_params_tags_and_per_level_metrics(runs):
     client = _client(runs["uri"])
     run = client.get_run(runs["ids"]["mlo"])
-    assert run.info.status == "FINISHED" and run.info.run_name == "mlo"
+    assert run.info.status == "FINISHED" and run.info.run_name == "reference"
     params, tags = run.data.params, run.data.tags
     assert params["mlo.mask_ratio"] == "0.75" and params["model.embed_dim"] == "192"
     assert params["data.batch_mae"] == "16" and params["run.max_steps"] == str(STEPS)
@@ -151,7 +105,8 @@ def test_params_tags_and_per_level_metrics(runs):
     assert tags["mlo_mae.kind"] == "pretrain" and tags["mlo_mae.mode"] == "mlo" and tags["mlo_mae.preset"] == "tiny"
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["mlflow.source.git.commit"])
     assert tags["version.torch"] == torch.__version__.split("+")[0] or tags["version.torch"] == torch.__version__
-    assert Path(tags["mlo_mae.checkpoint"]).parent == runs["cwd"] / "ray_results" / "mlo"
+    assert Path(tags["mlo_mae.checkpoint"]).parent == runs["storage"] / "reference"
+    assert params["workers"] == "2" and params["global_batch"] == "32"
     for key in ("train/loss_mae", "train/loss_head", "train/loss_val", "train/hypergrad_norm", "mask/entropy",
                 "mask/ratio", "mask/saturated", "mask/mean_prob_masked", "lr/mae", "lr/head", "lr/mask",
                 "perf/images_per_s", "perf/data_wait", "hypergrad/path_ratio"):
@@ -161,7 +116,7 @@ def test_params_tags_and_per_level_metrics(runs):
     for key in ("eval/val_top1", "mask/jaccard", "mask/jaccard_random", "mask/saturated_eval",
                 "mask/mean_prob_masked_eval"):
         evals = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in evals) == [0, 2, 4] and all(0 <= m.value <= 1 for m in evals), key
+        assert sorted(m.step for m in evals) == EVALUATIONS["mlo"] and all(0 <= m.value <= 1 for m in evals), key
     assert run.data.metrics["mask/jaccard_random"] == pytest.approx(0.601, abs=1e-3)  # 48 of 64 patches
     baseline = client.get_run(runs["ids"]["base"])
     assert baseline.data.tags["mlo_mae.mode"] == "baseline"
@@ -182,19 +137,20 @@ def test_heatmaps_at_every_evaluation_decode_at_their_size(runs, name, tmp_path)
     for kind, size in sizes.items():
         pngs = [f for f in files if f.startswith(f"images/heatmaps~{kind}+step+") and f.endswith(".png")]
         steps = sorted(int(re.search(r"\+step\+(\d+)\+", f).group(1)) for f in pngs)
-        assert steps == [0, 2, 4], (kind, files)
+        assert steps == EVALUATIONS[name], (kind, files)
         local = client.download_artifacts(run_id, pngs[-1], str(tmp_path))
         with Image.open(local) as image:
             image.load()
             assert image.size == size and image.mode == "RGB"
         # The same figures under readable names: one per evaluation, and the last one as the final figure.
-        assert [f"heatmaps/{kind}/step-{step:06d}.png" in files for step in (0, 2, 4)] == [True] * 3, files
+        assert [f"heatmaps/{kind}/step-{step:06d}.png" for step in steps if
+                f"heatmaps/{kind}/step-{step:06d}.png" not in files] == [], files
         assert f"heatmaps/final/{kind}.png" in files
     with Image.open(client.download_artifacts(run_id, "heatmaps/final/mask_panel.png", str(tmp_path))) as final:
         assert final.size == PANEL_SIZE
     gif = client.download_artifacts(run_id, "heatmaps/mask_evolution.gif", str(tmp_path))
     with Image.open(gif) as animation:
-        assert animation.n_frames == 3
+        assert animation.n_frames == len(EVALUATIONS[name])
     assert "heatmaps/mask_strip.png" in files
 
 
@@ -222,7 +178,7 @@ def test_runs_table_lists_the_runs(runs):
     header = lines[1].split()
     assert header[:4] == ["run", "name", "mode", "preset"]
     rows = {line.split()[1]: line.split() for line in lines[2:]}
-    assert rows["mlo"][0] == runs["ids"]["mlo"][:8] and rows["mlo"][2] == "mlo"
+    assert rows["reference"][0] == runs["ids"]["mlo"][:8] and rows["reference"][2] == "mlo"
     assert rows["base"][2] == "baseline" and rows["base"][8] == "FINISHED"
     missing = mlo_mae("runs", "--tracking-uri", runs["uri"], "--experiment", "nope", cwd=runs["cwd"])
     assert missing.returncode == 2 and "no experiment 'nope'" in missing.stderr
@@ -234,7 +190,7 @@ def test_probe_and_finetune_log_child_runs(runs):
     probe = mlo_mae("probe", parent, "--dataset", "digits", "--tracking-uri", uri, cwd=runs["cwd"])
     assert probe.returncode == 0, probe.stderr
     assert "linear probe: D_val top-1" in probe.stdout
-    finetune = mlo_mae("finetune", parent, "--dataset", "digits", "--epochs", "2", "--tracking-uri", uri,
+    finetune = mlo_mae("finetune", parent, "--dataset", "digits", "--epochs", "1", "--tracking-uri", uri,
                        cwd=runs["cwd"])
     assert finetune.returncode == 0, finetune.stderr
     children = {r.data.tags["mlo_mae.kind"]: r for r in client.search_runs(
@@ -242,7 +198,7 @@ def test_probe_and_finetune_log_child_runs(runs):
     assert set(children) == {"probe", "finetune"}
     assert 0.3 < children["probe"].data.metrics["test_top1"] <= 1.0  # 10 classes
     history = client.get_metric_history(children["finetune"].info.run_id, "val_top1")
-    assert sorted(m.step for m in history) == [1, 2]
+    assert sorted(m.step for m in history) == [1]
     assert "test_top1" in children["finetune"].data.metrics
     metrics = client.get_run(parent).data.metrics
     assert metrics["probe/test_top1"] == children["probe"].data.metrics["test_top1"]
@@ -294,7 +250,7 @@ def _one_line_error(uri: str, timeout_s: float = 5.0) -> str:
 
 
 def test_an_unreachable_server_fails_in_seconds_with_one_line():
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert "connection refused; is `mlflow server` running there?" in _one_line_error(uri)
 
 
@@ -306,8 +262,8 @@ def test_a_server_that_never_answers_fails_at_the_timeout():
         assert "no answer within 1 s" in _one_line_error(uri, timeout_s=1.0)
 
 
-def test_a_live_server_passes_the_check(server):
-    tracking.check_store(server)
+def test_a_live_server_passes_the_check(mlflow_server):
+    tracking.check_store(mlflow_server.uri)
 
 
 def test_bad_sqlite_folders_fail_with_one_line(tmp_path):

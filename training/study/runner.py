@@ -103,7 +103,8 @@ def new_tuner(space: SearchSpace, settings: StudySettings, echo: Echo):
             search_alg=build_search(options, settings.concurrent),
             scheduler=build_scheduler(options, max_t, settings.base.run.eval_every,
                                       f"{settings.folder}/{ASHA_STATE}"),
-            trial_dirname_creator=lambda trial: trial.trial_id),
+            trial_dirname_creator=lambda trial: trial.trial_id,
+            reuse_actors=True),  # a trial's driver imports torch, Ray Train and MLflow: ~8 s each, paid once
         run_config=ray.tune.RunConfig(
             name=settings.name, storage_path=settings.storage, verbose=0,
             callbacks=[StudyMonitor(settings, echo)],

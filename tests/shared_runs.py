@@ -1,0 +1,94 @@
+"""Components and runs that several test modules read, started once per session by conftest's fixtures:
+an ``mlflow server``, the sealed copy of the digits and the suite's one uninterrupted 2-worker run.
+
+Each Ray Train run costs about 30 s to start on 2 cores, whatever its length, so the
+uninterrupted run that ``test_distributed`` compares every faulted run with is also the
+tracked run whose params, metrics, heatmaps and encoder ``test_tracking`` reads back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from cli_runner import CliResult, run_cli
+
+STEPS = 7  # the run's iterations: checkpoints at 2, 4, 6, evaluations at 0, 4 and 7
+WORKERS = 2
+TRAINING = ["--workers", str(WORKERS), "--max-steps", str(STEPS), "--batch-size", "16", "-o", "run.log_every=1",
+            "-o", "run.checkpoint_every=2", "-o", "run.eval_every=4", "-o", "run.eval_samples=32",
+            "-o", "run.probe=false"]
+RUN_ID = re.compile(r"^MLflow run ([0-9a-f]{32}) ", re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on loopback at a free port (sqlite backend, proxied artifacts in ``folder``).
+
+    It starts at once and answers /health some 10 s later: ``uri`` waits for that, so that the
+    session's Ray cluster and the sealed data get ready meanwhile. ``stop()`` sends SIGTERM."""
+
+    def __init__(self, folder: Path) -> None:
+        port = free_port()
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.log = folder / "server.log"
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server",
+                                      "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                                      "--artifacts-destination", str(folder / "artifacts"),
+                                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env)
+        self._uri, self._up = f"http://127.0.0.1:{port}", False
+
+    @property
+    def uri(self) -> str:
+        deadline = time.monotonic() + 180
+        while not self._up:
+            try:
+                with urllib.request.urlopen(f"{self._uri}/health", timeout=2) as reply:
+                    self._up = reply.status == 200
+            except OSError:
+                pass
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 180 s"
+            if not self._up:
+                time.sleep(0.5)
+        return self._uri
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def seal_digits(folder: Path) -> Path:
+    """The digits prepared afresh into ``folder``, then every test shard overwritten: reading the test
+    split fails, so a run that completes on it never read the test split."""
+    prepared = run_cli("prepare", "digits", str(folder), "--shard-rows", "128", cwd=folder.parent)
+    assert prepared.returncode == 0, prepared.stderr
+    test_shards = sorted((folder / "test").glob("*.parquet"))
+    assert test_shards
+    for shard in test_shards:
+        shard.write_bytes(b"not a parquet file")
+    return folder
+
+
+def reference_run(storage: Path, data: Path, tracking_uri: str) -> dict:
+    """The uninterrupted 2-worker run on the sealed data, in this process, logged to ``tracking_uri``
+    (experiment 'tracked'): its result, MLflow run id and storage folder."""
+    result: CliResult = run_cli("pretrain", "--storage-path", storage, "--dataset", data, *TRAINING,
+                                "--name", "reference", "--tracking-uri", tracking_uri, "--experiment", "tracked",
+                                cwd=storage.parent)
+    assert result.returncode == 0, result.stderr
+    return {"result": result, "run_id": RUN_ID.search(result.stdout).group(1), "storage": storage,
+            "data": data, "uri": tracking_uri}
