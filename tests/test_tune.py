@@ -232,24 +232,30 @@ def test_best_config_is_accepted_by_pretrain_unchanged(smoke_study, cli_run):
 
 
 def test_a_failing_trial_is_reported_and_the_next_one_picks_the_best_by_probe(tmp_path, cli_run):
-    """A grid of an lr that diverges at once and a sane one, FIFO on the end-of-run probe: the first trial
-    fails with the NaN line, the second runs to its end and is the best."""
-    space = _write(tmp_path / "grid.yaml", "space:\n  optim.lr_mae: {grid: [1.0e+30, 3.0e-4]}\n"
+    """Random search over a width and a head count that each fit the base config but not always each other,
+    FIFO on the end-of-run probe: search seed 10 samples 195 wide with 64 heads first, a trial that fails
+    with the config's line before it starts Ray Train, then 192 with 3, which runs to its end and is the
+    best. (A trial that fails while training ends the same way: ``pretrain`` raises, the trial fails;
+    the NaN that stops a run is tested in test_distributed.)"""
+    space = _write(tmp_path / "widths.yaml", "space:\n  model.embed_dim: {choice: [192, 195]}\n"
+                   "  model.num_heads: {choice: [3, 64]}\n"
                    "fixed:\n  run.max_steps: 3\n  run.eval_every: 3\n  run.eval_samples: 32\n"
                    "  data.batch_mae: 16\n  data.batch_head: 16\n  data.batch_mask: 16\n")
     uri = os.environ["MLFLOW_TRACKING_URI"]  # the session's store: its schema exists already
-    result = cli_run("tune", "--space", str(space), "--num-samples", "1", "--scheduler", "fifo", "--metric",
-                     "probe_val_top1", "--name", "grid", "--tracking-uri", uri, "--experiment", "grid", cwd=tmp_path)
+    result = cli_run("tune", "--space", str(space), "--num-samples", "2", "--search-seed", "10", "--scheduler",
+                     "fifo", "--metric", "probe_val_top1", "--name", "widths", "--tracking-uri", uri,
+                     "--experiment", "widths", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "trial 00000 failed: training stopped: non-finite" in result.stdout
-    with open(tmp_path / "ray_results" / "grid" / "results.csv") as handle:
+    assert "trial 00000 failed: " in result.stdout and "must divide by their number of heads" in result.stdout
+    with open(tmp_path / "ray_results" / "widths" / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["status"] for r in rows] == ["failed", "finished"]
-    assert "non-finite" in rows[0]["error"] and 0.5 < float(rows[1]["probe_val_top1"]) <= 1.0
-    best = yaml.safe_load((tmp_path / "ray_results" / "grid" / "best-config.yaml").read_text())
-    assert best["optim"]["lr_mae"] == pytest.approx(3e-4)
-    statuses = {r.info.run_name: r.info.status for r in _runs(uri, "grid")}
-    assert statuses == {"grid": "FINISHED", "grid-00000": "FAILED", "grid-00001": "FINISHED"}
+    assert [(r["model.embed_dim"], r["model.num_heads"]) for r in rows] == [("195", "64"), ("192", "3")]
+    assert "must divide" in rows[0]["error"] and 0.5 < float(rows[1]["probe_val_top1"]) <= 1.0
+    best = yaml.safe_load((tmp_path / "ray_results" / "widths" / "best-config.yaml").read_text())
+    assert (best["model"]["embed_dim"], best["model"]["num_heads"]) == (192, 3)
+    statuses = {r.info.run_name: r.info.status for r in _runs(uri, "widths")}
+    assert statuses == {"widths": "FINISHED", "widths-00001": "FINISHED"}  # the failed trial never had a run
 
 
 def test_optuna_study_whose_trial_fails_ends_failed(tmp_path, cli_run):
