@@ -3,6 +3,7 @@ components: one MLflow store, one folder for the prepared digits, one Ray cluste
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from typing import Iterator
@@ -16,17 +17,26 @@ from mlo_mae.config import Config, ModelConfig, resolve
 torch.set_num_threads(2)
 
 
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[str]:
+    """``$name`` set to ``value`` for the block (for child processes too), then as it was."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield value
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 @pytest.fixture(autouse=True, scope="session")
 def data_dir(tmp_path_factory):
     """The built-in digits are prepared once per session into a throw-away folder, never ~/.cache."""
     path = tmp_path_factory.mktemp("data")
-    previous = os.environ.get("MLO_MAE_DATA_DIR")
-    os.environ["MLO_MAE_DATA_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("MLO_MAE_DATA_DIR", None)
-    else:
-        os.environ["MLO_MAE_DATA_DIR"] = previous
+    with environment("MLO_MAE_DATA_DIR", str(path)):
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -44,10 +54,8 @@ def ray_cluster(tmp_path_factory):
     from cluster import start_head, stop_cluster
 
     temp = tmp_path_factory.mktemp("ray")
-    address = start_head(temp)
-    os.environ["RAY_ADDRESS"] = address
-    yield {"address": address, "temp": str(temp)}
-    os.environ.pop("RAY_ADDRESS", None)
+    with environment("RAY_ADDRESS", start_head(temp)) as address:
+        yield {"address": address, "temp": str(temp)}
     import ray
 
     ray.shutdown()
@@ -59,13 +67,8 @@ def mlflow_store(tmp_path_factory):
     """Every run the tests start (in this process or in a child) logs to one throw-away sqlite store,
     not to ./mlflow.db; a test about a server passes its own --tracking-uri."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
-    yield os.environ["MLFLOW_TRACKING_URI"]
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with environment("MLFLOW_TRACKING_URI", f"sqlite:///{path}") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

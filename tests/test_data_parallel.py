@@ -3,7 +3,6 @@ must update E and D exactly as one process on the whole batches, in float64."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from conftest import random_batches, tiny_model
 from mlo_mae.config import resolve
 from mlo_mae.engine import MLOEngine
+from shared_runs import free_port
 
 FULL = 8
 
@@ -53,9 +53,7 @@ def _rank_main(rank: int, world: int, port: int, out) -> None:
 
 
 def test_two_ranks_on_half_batches_update_like_one_process_on_whole_batches():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, out)) for r in range(2)]

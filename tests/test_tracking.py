@@ -42,7 +42,7 @@ def mlo_mae(*args, cwd):
 
 
 @pytest.fixture(scope="module")
-def runs(reference, tmp_path_factory):
+def runs(reference):
     """The session's MLO-MAE reference run (2 workers, see ``shared_runs``) and a short 1-worker baseline run
     beside it, both on the sealed data and logged to the session's ``mlflow server``."""
     cwd = reference["storage"].parent
