@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,8 +218,20 @@ def _mean_title(snap: MaskSnapshot) -> str:
             f"{_masked_count(snap)} patches masked each)")
 
 
-def _mean_figure(snap: MaskSnapshot) -> tuple[Figure, dict[str, Axes], list]:
-    """The figure of ``render_mean``, its two heatmap axes and the artists that change per snapshot."""
+class _Figure:
+    """A figure built for one snapshot plus how to show another snapshot on it (``update``), so that
+    later snapshots reuse its axes and the layout constrained layout found once."""
+
+    def __init__(self, fig: Figure, size: tuple[int, int], axes: dict[str, Axes | list[Axes]],
+                 update: Callable[[MaskSnapshot], None]) -> None:
+        self.fig, self.size, self.axes, self.update = fig, size, axes, update
+
+    def image(self, keep: bool = False) -> Image.Image:
+        return _to_image(self.fig, self.size, self.axes, keep=keep)
+
+
+def _mean_figure(snap: MaskSnapshot) -> _Figure:
+    """``render_mean``'s figure: the mean score map beside the mask frequency."""
     fig = _figure(MEAN_SIZE)
     ax_p, ax_f = fig.subplots(1, 2)
     im_p = _heatmap(ax_p, snap.mean_map(), PROB_CMAP)
@@ -231,7 +244,105 @@ def _mean_figure(snap: MaskSnapshot) -> tuple[Figure, dict[str, Axes], list]:
         ax.set_xlabel("patch column", fontsize=9)
         ax.set_ylabel("patch row", fontsize=9)
     title = fig.suptitle(_mean_title(snap), fontsize=11)
-    return fig, {"mean": ax_p, "frequency": ax_f}, [im_p, im_f, title]
+
+    def update(s: MaskSnapshot) -> None:
+        im_p.set_data(s.mean_map())
+        im_f.set_data(s.mask_frequency())
+        title.set_text(_mean_title(s))
+
+    return _Figure(fig, MEAN_SIZE, {"mean": ax_p, "frequency": ax_f}, update)
+
+
+def _panel_title(snap: MaskSnapshot) -> str:
+    return (f"{snap.mode} · step {snap.step}\nblue: the {_masked_count(snap)} patches masked "
+            "(each image's highest scores); colour below: T's score p")
+
+
+def _panel_figure(snap: MaskSnapshot, count: int, class_names: list[str] | None) -> _Figure:
+    """``render_panel``'s figure: (masked, score) pairs of the first ``count`` images."""
+    rows, cols = snap.grid
+    shown = max(0, min(count, snap.probs.shape[0]))
+    fig = _figure(PANEL_SIZE)
+    title = fig.suptitle(_panel_title(snap), fontsize=11)
+    if shown == 0:
+        fig.text(0.5, 0.5, "no images", ha="center", va="center")
+        return _Figure(fig, PANEL_SIZE, {}, lambda s: title.set_text(_panel_title(s)))
+    # Always room for ``count`` images (spares left blank) so that every panel has the same layout.
+    per_row = math.ceil(max(count, shown) / PANEL_ROWS)
+    grid_axes = np.asarray(fig.subplots(2 * PANEL_ROWS, per_row, squeeze=False))
+    masked = [grid_axes[2 * (i // per_row), i % per_row] for i in range(shown)]
+    scored = [grid_axes[2 * (i // per_row) + 1, i % per_row] for i in range(shown)]
+    for ax in set(grid_axes.ravel()) - set(masked) - set(scored):
+        ax.set_axis_off()
+    extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)  # pixels and patch grid cover the same square
+    cmap = colormaps[PROB_CMAP]
+
+    def layers(s: MaskSnapshot, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image i's picture, its blue masked-patch shade and its coloured scores."""
+        shade = np.zeros((rows, cols, 4))
+        shade[..., :3] = MASK_TINT  # a colour, not a dark grey: masked background must show on black digits too
+        shade[..., 3] = 0.75 * s.masks[i].reshape(rows, cols).numpy()
+        return _upscaled(s.images[i].numpy()), shade, cmap(_NORM(s.probs[i].reshape(rows, cols).numpy()))
+
+    artists = []
+    for i, (top, bottom) in enumerate(zip(masked, scored, strict=True)):
+        picture, shade, scores = layers(snap, i)
+        artists.append((top.imshow(picture, extent=extent, interpolation="antialiased"),
+                        top.imshow(shade, extent=extent, interpolation="nearest"),
+                        bottom.imshow(picture, extent=extent, interpolation="antialiased"),
+                        bottom.imshow(scores, extent=extent, interpolation="nearest", alpha=0.6)))
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        bottom.set_xlabel(_short(_class_name(int(snap.labels[i]), class_names)), fontsize=9)
+    for r in range(0, min(2 * PANEL_ROWS, 2 * math.ceil(shown / per_row)), 2):
+        grid_axes[r, 0].set_ylabel("masked", fontsize=9)
+        grid_axes[r + 1, 0].set_ylabel("score p", fontsize=9)
+    _colorbar(fig, grid_axes.ravel().tolist(), PROB_CMAP, "T's score p (masked: the k highest)")
+
+    def update(s: MaskSnapshot) -> None:
+        title.set_text(_panel_title(s))
+        for i, (bottom, images) in enumerate(zip(scored, artists, strict=True)):
+            picture, shade, scores = layers(s, i)
+            for artist, data in zip(images, (picture, shade, picture, scores), strict=True):
+                artist.set_data(data)
+            bottom.set_xlabel(_short(_class_name(int(s.labels[i]), class_names)), fontsize=9)
+
+    return _Figure(fig, PANEL_SIZE, {"masked": masked, "probability": scored}, update)
+
+
+def _classes_title(snap: MaskSnapshot) -> str:
+    return f"{snap.mode} · step {snap.step}: T's score p, mean per class (the k highest of an image are masked)"
+
+
+def _classes_figure(snap: MaskSnapshot, class_names: list[str] | None, max_classes: int) -> _Figure:
+    """``render_classes``'s figure: one mean score map per class present (the first ``max_classes``)."""
+    maps = snap.class_maps(max_classes)
+    fig = _figure(CLASSES_SIZE)
+    title = fig.suptitle(_classes_title(snap), fontsize=11)
+    if not maps:
+        fig.text(0.5, 0.5, "no images", ha="center", va="center")
+        return _Figure(fig, CLASSES_SIZE, {"classes": []}, lambda s: title.set_text(_classes_title(s)))
+    # A fixed grid for ``max_classes`` maps (spares left blank): the maps keep one size whatever the count.
+    ncols = min(5, max(max_classes, len(maps)))
+    nrows = math.ceil(max(max_classes, len(maps)) / ncols)
+    grid = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    used, images = [], []
+    for ax, values in zip(grid, maps.values(), strict=False):  # spare axes stay empty
+        images.append(_heatmap(ax, values, PROB_CMAP, ticks=False))
+        used.append(ax)
+    for ax in grid[len(maps):]:
+        ax.set_axis_off()
+    _colorbar(fig, grid.tolist(), PROB_CMAP, "score p")
+
+    def update(s: MaskSnapshot) -> None:
+        title.set_text(_classes_title(s))
+        for ax, image, (c, values) in zip(used, images, s.class_maps(max_classes).items(), strict=True):
+            image.set_data(values)
+            ax.set_title(f"{_short(_class_name(c, class_names))} (n={int((s.labels == c).sum())})", fontsize=9)
+
+    update(snap)
+    return _Figure(fig, CLASSES_SIZE, {"classes": used}, update)
 
 
 # ----------------------------------------------------------------------------- public renders
@@ -242,8 +353,7 @@ def render_mean(snap: MaskSnapshot) -> Image.Image:
     Both on a fixed 0..1 scale so that images from different steps compare. ``MEAN_SIZE`` pixels;
     ``info["axes_px"]`` holds the boxes of the "mean" and "frequency" heatmaps.
     """
-    fig, axes, _ = _mean_figure(snap)
-    return _to_image(fig, MEAN_SIZE, axes)
+    return _mean_figure(snap).image()
 
 
 def render_panel(snap: MaskSnapshot, count: int = 8, class_names: list[str] | None = None) -> Image.Image:
@@ -256,43 +366,7 @@ def render_panel(snap: MaskSnapshot, count: int = 8, class_names: list[str] | No
     At most ``count`` images; ``PANEL_SIZE`` pixels; ``info["axes_px"]`` holds the "masked" and
     "probability" axes (lists of boxes, one per image).
     """
-    rows, cols = snap.grid
-    shown = max(0, min(count, snap.probs.shape[0]))
-    fig = _figure(PANEL_SIZE)
-    fig.suptitle(f"{snap.mode} · step {snap.step}\nblue: the {_masked_count(snap)} patches masked "
-                 "(each image's highest scores); colour below: T's score p", fontsize=11)
-    if shown == 0:
-        fig.text(0.5, 0.5, "no images", ha="center", va="center")
-        return _to_image(fig, PANEL_SIZE, {})
-    # Always room for ``count`` images (spares left blank) so that every panel has the same layout.
-    per_row = math.ceil(max(count, shown) / PANEL_ROWS)
-    grid_axes = np.asarray(fig.subplots(2 * PANEL_ROWS, per_row, squeeze=False))
-    masked = [grid_axes[2 * (i // per_row), i % per_row] for i in range(shown)]
-    scored = [grid_axes[2 * (i // per_row) + 1, i % per_row] for i in range(shown)]
-    for ax in set(grid_axes.ravel()) - set(masked) - set(scored):
-        ax.set_axis_off()
-    extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)  # pixels and patch grid cover the same square
-    shade = np.zeros((rows, cols, 4))
-    shade[..., :3] = MASK_TINT  # a colour, not a dark grey: masked background must show on black digits too
-    cmap = colormaps[PROB_CMAP]
-    for i, (top, bottom) in enumerate(zip(masked, scored, strict=True)):
-        picture = _upscaled(snap.images[i].numpy())
-        mask = snap.masks[i].reshape(rows, cols).numpy()
-        prob = snap.probs[i].reshape(rows, cols).numpy()
-        top.imshow(picture, extent=extent, interpolation="antialiased")
-        shade[..., 3] = 0.75 * mask
-        top.imshow(shade.copy(), extent=extent, interpolation="nearest")
-        bottom.imshow(picture, extent=extent, interpolation="antialiased")
-        bottom.imshow(cmap(_NORM(prob)), extent=extent, interpolation="nearest", alpha=0.6)
-        for ax in (top, bottom):
-            ax.set_xticks([])
-            ax.set_yticks([])
-        bottom.set_xlabel(_short(_class_name(int(snap.labels[i]), class_names)), fontsize=9)
-    for r in range(0, min(2 * PANEL_ROWS, 2 * math.ceil(shown / per_row)), 2):
-        grid_axes[r, 0].set_ylabel("masked", fontsize=9)
-        grid_axes[r + 1, 0].set_ylabel("score p", fontsize=9)
-    _colorbar(fig, grid_axes.ravel().tolist(), PROB_CMAP, "T's score p (masked: the k highest)")
-    return _to_image(fig, PANEL_SIZE, {"masked": masked, "probability": scored})
+    return _panel_figure(snap, count, class_names).image()
 
 
 def render_classes(snap: MaskSnapshot, class_names: list[str] | None = None, max_classes: int = 10) -> Image.Image:
@@ -300,27 +374,51 @@ def render_classes(snap: MaskSnapshot, class_names: list[str] | None = None, max
 
     ``CLASSES_SIZE`` pixels; ``info["axes_px"]["classes"]`` lists one box per class, in class order.
     """
-    maps = snap.class_maps(max_classes)
-    fig = _figure(CLASSES_SIZE)
-    fig.suptitle(f"{snap.mode} · step {snap.step}: T's score p, mean per class (the k highest of an image are masked)",
-                 fontsize=11)
-    if not maps:
-        fig.text(0.5, 0.5, "no images", ha="center", va="center")
-        return _to_image(fig, CLASSES_SIZE, {"classes": []})
-    # A fixed grid for ``max_classes`` maps (spares left blank): the maps keep one size whatever the count.
-    ncols = min(5, max(max_classes, len(maps)))
-    nrows = math.ceil(max(max_classes, len(maps)) / ncols)
-    grid = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    used = []
-    for ax, (c, values) in zip(grid, maps.items(), strict=False):  # spare axes stay empty
-        _heatmap(ax, values, PROB_CMAP, ticks=False)
-        count = int((snap.labels == c).sum())
-        ax.set_title(f"{_short(_class_name(c, class_names))} (n={count})", fontsize=9)
-        used.append(ax)
-    for ax in grid[len(maps):]:
-        ax.set_axis_off()
-    _colorbar(fig, grid.tolist(), PROB_CMAP, "score p")
-    return _to_image(fig, CLASSES_SIZE, {"classes": used})
+    return _classes_figure(snap, class_names, max_classes).image()
+
+
+class HeatmapRenderer:
+    """``render_mean``, ``render_panel`` and ``render_classes`` of a run's successive snapshots, each
+    kind drawn on one figure laid out once: a training run evaluates the same sample again and again,
+    and redrawing new data on laid-out axes is several times faster than building the figure anew
+    (constrained layout and axes creation are most of the cost). Images are the same as the
+    functions' and keep their axes in place from step to step. A snapshot whose layout differs
+    (another grid, image count, class set or mode) gets a new figure.
+    """
+
+    def __init__(self, count: int = 8, class_names: list[str] | None = None, max_classes: int = 10) -> None:
+        self.count, self.class_names, self.max_classes = count, class_names, max_classes
+        self._figures: dict[str, tuple[tuple, _Figure]] = {}
+
+    def render(self, snap: MaskSnapshot) -> dict[str, Image.Image]:
+        """{"mean", "panel", "classes"}: the three figures of ``snap``."""
+        shown = min(self.count, snap.probs.shape[0])
+        classes = tuple(snap.class_maps(self.max_classes))
+        builders = {"mean": ((), lambda: _mean_figure(snap)),
+                    "panel": ((shown, tuple(snap.images.shape[1:])),
+                              lambda: _panel_figure(snap, self.count, self.class_names)),
+                    "classes": ((classes,), lambda: _classes_figure(snap, self.class_names, self.max_classes))}
+        return {kind: self._draw(kind, (snap.grid, snap.mode, *key), build, snap)
+                for kind, (key, build) in builders.items()}
+
+    def _draw(self, kind: str, key: tuple, build: Callable[[], _Figure], snap: MaskSnapshot) -> Image.Image:
+        cached = self._figures.get(kind)
+        if cached is not None and cached[0] == key:
+            cached[1].update(snap)
+            return cached[1].image(keep=True)
+        if cached is not None:
+            cached[1].fig.clear()
+        figure = build()
+        image = figure.image(keep=True)
+        figure.fig.set_layout_engine("none")  # freeze the positions constrained layout found
+        self._figures[kind] = (key, figure)
+        return image
+
+    def close(self) -> None:
+        """Free the figures' memory."""
+        for _, figure in self._figures.values():
+            figure.fig.clear()
+        self._figures.clear()
 
 
 def strip_indices(count: int, max_shown: int = STRIP_MAX) -> list[int]:
@@ -336,20 +434,12 @@ def strip_indices(count: int, max_shown: int = STRIP_MAX) -> list[int]:
 def _mean_frames(snaps: list[MaskSnapshot]) -> list[Image.Image]:
     """``render_mean`` of each snapshot, from one figure laid out once: the frames of an animation
     keep every axes in place (no jitter), and redrawing is several times faster than rebuilding."""
-    if not snaps:
-        return []
     grids = {s.grid for s in snaps}
     if len(grids) > 1:
         raise ValueError(f"snapshots of different patch grids {sorted(grids)} cannot share an animation")
-    fig, axes, (im_p, im_f, title) = _mean_figure(snaps[0])
-    frames = [_to_image(fig, MEAN_SIZE, axes, keep=True)]
-    fig.set_layout_engine("none")  # freeze the positions constrained layout found
-    for snap in snaps[1:]:
-        im_p.set_data(snap.mean_map())
-        im_f.set_data(snap.mask_frequency())
-        title.set_text(_mean_title(snap))
-        frames.append(_to_image(fig, MEAN_SIZE, axes, keep=True))
-    fig.clear()
+    renderer = HeatmapRenderer()
+    frames = [renderer._draw("mean", (), lambda s=s: _mean_figure(s), s) for s in snaps]
+    renderer.close()
     return frames
 
 

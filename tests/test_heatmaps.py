@@ -22,6 +22,7 @@ from mlo_mae.heatmaps import (
     PANEL_SIZE,
     PROB_CMAP,
     STRIP_SIZE,
+    HeatmapRenderer,
     MaskSnapshot,
     render_classes,
     render_evolution,
@@ -328,3 +329,31 @@ def test_figures_label_p_as_a_score_and_the_masked_set_as_the_k_highest():
     assert "probability" not in panel.info["title"].lower()
     _, strip = render_evolution([snap])
     assert "score p" in strip.info["title"] and "probability" not in strip.info["title"].lower()
+
+
+def test_a_runs_renderer_redraws_its_figures_as_fresh_renders_would_show_them():
+    """HeatmapRenderer reuses each kind's laid-out figure for the next snapshot: the pixels must be
+    those of a figure built for that snapshot (the new data, titles and labels, none of the old),
+    the axes stay where they were, and a snapshot with another class set gets its own figure."""
+    mae = mae_with_grid(4)
+    t = brightness_masknet(mae)
+    names = ["bright", "dark", "third"]
+    snaps = [snapshot(mae, t, *batch(labels, bright=bright), mask_ratio=0.25, baseline=False, step=step)
+             for labels, bright, step in (([0, 0, 0, 1], {0}, 3), ([1, 0, 0, 0], {1}, 40), ([2, 0, 2], {2}, 41))]
+    renderer = HeatmapRenderer(class_names=names)
+    drawn = [renderer.render(s) for s in snaps]
+    fresh = {"mean": render_mean, "panel": lambda s: render_panel(s, class_names=names),
+             "classes": lambda s: render_classes(s, class_names=names)}
+    # every kind of the first two, and the figure the third needs anew (its class set differs)
+    for snap, images, kinds in zip(snaps, drawn, (fresh, fresh, ["classes"]), strict=True):
+        for kind in kinds:
+            image, expected = images[kind], fresh[kind](snap)
+            assert image.size == expected.size and image.info["title"] == expected.info["title"]
+            difference = np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16))
+            assert (difference > 8).mean() < 0.002, (snap.step, kind)  # a few antialiased text pixels at most
+    first, second = drawn[0], drawn[1]
+    assert second["panel"].info["axes_px"] == first["panel"].info["axes_px"]  # laid out once: no jitter
+    for images, hot in ((first, HOT_BRIGHT), (second, HOT_DARK)):  # 3 bright images, then 3 dark (classes swap)
+        means = decode(images["mean"], images["mean"].info["axes_px"]["mean"], (4, 4), PROB_CMAP)
+        assert np.unravel_index(means.argmax(), means.shape) == hot
+    renderer.close()

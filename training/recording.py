@@ -23,15 +23,7 @@ from mlo_mae import config as config_mod
 from mlo_mae.engine import MLOEngine, StepStats
 from mlo_mae.evaluation import Evaluation, condensed, evaluate, expand
 from mlo_mae.export import save_encoder
-from mlo_mae.heatmaps import (
-    MaskSnapshot,
-    render_classes,
-    render_evolution,
-    render_mean,
-    render_panel,
-    save_gif,
-    strip_indices,
-)
+from mlo_mae.heatmaps import HeatmapRenderer, MaskSnapshot, render_evolution, save_gif, strip_indices
 from mlo_mae.probe import ProbeResult
 from pipelines.manifest import PreparedDataset
 from pipelines.streams import Normalizer
@@ -39,7 +31,7 @@ from pipelines.streams import Normalizer
 from .downstream import eval_sample, train_sample
 from .tracking import RunLogger
 
-HEATMAP_KEYS = ("heatmaps/mask_mean", "heatmaps/mask_panel", "heatmaps/mask_classes")
+HEATMAP_KEYS = {"mean": "heatmaps/mask_mean", "panel": "heatmaps/mask_panel", "classes": "heatmaps/mask_classes"}
 GIF_FRAMES = 100
 
 
@@ -76,7 +68,7 @@ class Recorder:
         self.images, self.labels = eval_sample(data, cfg)
         self.train_images = train_sample(data, cfg)
         self.head = None  # C with precise statistics, from the last evaluation (exported at the end)
-        self.class_names = data.class_names
+        self.renderer = HeatmapRenderer(class_names=data.class_names)  # the figures, laid out once per run
         self.history: list[dict[str, Any]] = []
         self.figures: dict[str, Image.Image] = {}  # the last evaluation's heatmaps, filed again at the end
 
@@ -98,9 +90,7 @@ class Recorder:
             snap = ev.snapshot
 
             def heatmaps() -> None:  # a drawing error must not stop training either
-                images = (render_mean(snap), render_panel(snap, class_names=self.class_names),
-                          render_classes(snap, self.class_names))
-                self.figures = dict(zip(HEATMAP_KEYS, images))
+                self.figures = {HEATMAP_KEYS[kind]: image for kind, image in self.renderer.render(snap).items()}
                 for key, image in self.figures.items():
                     self.logger.client.log_image(self.logger.run_id, image, key=key, step=ev.step)
                     self.logger.client.log_image(self.logger.run_id, image, artifact_file=figure_path(key, ev.step))
@@ -139,6 +129,7 @@ class Recorder:
             model_dir = os.path.join(folder, "model")
             save_encoder(self.engine.mae, self.cfg.model, model_dir, head=self.head)
             self.logger.artifacts(model_dir, "model")
+        self.renderer.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {"evaluations": [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in h.items()}
