@@ -91,6 +91,9 @@ CLUSTER_OPTIONS = (
                       "split between the workers, at least 0.5; on GPU 1, the rest decode]."),
     click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
                  help="GPUs per worker [default: 1 if the device is cuda, or auto on a cluster with GPUs; else 0]."),
+    click.option("--placement", type=click.Choice(["pack", "spread"]), default="pack",
+                 help="Where Ray puts a run's workers: pack (as few nodes as fit) or spread (one a node where it "
+                      "can). Both fall back to what is free, e.g. after a node is lost."),
     click.option("--address", envvar="RAY_ADDRESS", default=None,
                  help="Join the Ray cluster at this address (e.g. auto, or ray://head:10001) "
                       "[default: $RAY_ADDRESS, else start a local cluster sized to this machine]."),
@@ -164,7 +167,7 @@ def cli() -> None:
 @TRACKING_URI
 @EXPERIMENT
 def pretrain(config_file: Path | None, preset: str | None, print_config: bool, workers: int | None,
-             cpus_per_worker: float | None, gpus_per_worker: float | None, address: str | None,
+             cpus_per_worker: float | None, gpus_per_worker: float | None, placement: str, address: str | None,
              storage_path: str, name: str | None, resume_name: str | None, tracking_uri: str | None,
              experiment: str, **flags: Any) -> None:
     """Pretrain E, D, C and T with MLO-MAE (or plain MAE with --baseline).
@@ -179,14 +182,15 @@ def pretrain(config_file: Path | None, preset: str | None, print_config: bool, w
     ctx = click.get_current_context()
     if resume_name is not None:
         given = _given(ctx, ("resume_name", "storage_path", "address", "workers", "cpus_per_worker",
-                             "gpus_per_worker"))
+                             "gpus_per_worker", "placement"))
         if given:
             raise InputError(f"--resume continues a run with its saved settings; drop {', '.join(given)}")
         from training.launch import Launch
         from training.pretrain import resume_run
 
         resume_run(Launch(name=resume_name, storage_path=storage_path, workers=workers or 1,
-                          cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, address=address),
+                          cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, address=address,
+                          placement=placement),
                    workers is not None, click.echo, _warn)
         return
     cfg = config_mod.resolve(config_file, preset, _flat_config(flags))
@@ -200,7 +204,7 @@ def pretrain(config_file: Path | None, preset: str | None, print_config: bool, w
 
     launch = Launch(name=name or time.strftime("pretrain-%Y%m%d-%H%M%S"), storage_path=storage_path,
                     workers=workers or 1, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                    address=address)
+                    address=address, placement=placement)
     new_run(cfg, launch, RunTracking(uri, experiment), click.echo, _warn)
 
 
@@ -244,7 +248,7 @@ def _check_dataset(name: str) -> None:
 def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurrent: int | None, scheduler: str,
          grace_period: int | None, reduction_factor: int, search: str, search_seed: int, metric: str,
          config_file: Path | None, preset: str | None, cpus_per_worker: float | None, gpus_per_worker: float | None,
-         address: str | None, storage_path: str, name: str | None, resume_name: str | None,
+         placement: str, address: str | None, storage_path: str, name: str | None, resume_name: str | None,
          tracking_uri: str | None, experiment: str, **flags: Any) -> None:
     """Search hyperparameters with Ray Tune: each trial is a pretrain run with sampled settings.
 
@@ -283,7 +287,7 @@ def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurre
     options = StudyOptions(num_samples=num_samples, workers_per_trial=workers_per_trial,
                            max_concurrent=max_concurrent, scheduler=scheduler, grace_period=grace_period,
                            reduction_factor=reduction_factor, search=search, search_seed=search_seed, metric=metric,
-                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, placement=placement)
     _print_study(new_study(space, base, options, name or time.strftime("tune-%Y%m%d-%H%M%S"), storage_path,
                            address, StudyTracking(uri, experiment), click.echo, _warn))
 

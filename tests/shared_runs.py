@@ -23,7 +23,8 @@ STEPS = 7  # the run's iterations: checkpoints at 2, 4, 6, evaluations at 0, 4 a
 WORKERS = 2
 TRAINING = ["--workers", str(WORKERS), "--max-steps", str(STEPS), "--batch-size", "16", "-o", "run.log_every=1",
             "-o", "run.checkpoint_every=2", "-o", "run.eval_every=4", "-o", "run.eval_samples=32",
-            "-o", "run.probe=false"]
+            "-o", "run.probe=false", "-o", "run.threads=1"]  # 1 thread: what 2 workers get on 2 cores,
+# also when they run on two Ray nodes of this one machine (each node counts the machine's cores as its own)
 RUN_ID = re.compile(r"^MLflow run ([0-9a-f]{32}) ", re.M)
 
 

@@ -1,11 +1,12 @@
-"""`mlo-mae pretrain --workers 2` on a real local Ray cluster: identical replicas, a killed worker,
-stop and resume, divergence.
+"""`mlo-mae pretrain --workers 2` on a real local Ray cluster: identical replicas, a lost node,
+stopped and killed drivers and resume, divergence.
 
 The session's cluster (``ray start --head``, 2 CPUs, see conftest) serves every
-run here through ``--address``; the runs are real ``mlo-mae`` processes where
+run here through ``--address``, joined by a second node (a raylet of its own) where a test
+is about nodes; the runs are real ``mlo-mae`` processes where
 signals and exit codes are under test. Every run has the seed, settings and data of the session's
 uninterrupted reference run (``shared_runs``, which ``test_tracking`` reads too), so every way of
-reaching the last iteration (uninterrupted, a worker killed, stopped and resumed) must end with the
+reaching the last iteration (uninterrupted, a node lost, stopped or killed and resumed) must end with the
 same parameters.
 """
 
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster import cluster_pids, processes
-from shared_runs import STEPS, TRAINING
+from cluster import kill_node, start_node, stop_cluster
+import mlflow
+from shared_runs import RUN_ID, STEPS, TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| ")
@@ -101,38 +103,77 @@ def test_two_workers_finish_with_identical_replicas(reference):
     assert state["data"]["levels"]["mae"] == {"batches": 2 * STEPS, "batch_size": 16}
 
 
-def test_a_killed_worker_and_a_stopped_driver_both_end_like_the_uninterrupted_run(cluster, ray_cluster, reference,
-                                                                                  flags, tmp_path, cli_run):
-    """One run, two faults: a worker killed at iteration 3 (Ray Train restarts the group from the checkpoint
-    at 2 and the run goes on), then SIGTERM to the driver at iteration 5 (what a scheduler or `kill` sends;
-    Ctrl-C takes the same path): exit 143 and how to continue. ``--resume`` goes on from the checkpoint at 4.
-    The steps are continuous and the final parameters equal the uninterrupted run's."""
-    def kill_a_worker(_proc):
-        _, children = cluster_pids(ray_cluster["temp"])  # this cluster's, not another test's or benchmark's
-        procs = processes()
-        pids = sorted(pid for pid in children if "ray::RayTrainWorker" in procs.get(pid, (0, ""))[1])
-        assert len(pids) == 2, [procs.get(pid) for pid in children]
-        os.kill(pids[-1], signal.SIGKILL)
+@pytest.fixture
+def second_node(reference, ray_cluster, tmp_path_factory):
+    """A second Ray node (1 CPU, its own raylet and processes) joined to the session's head for one test,
+    after the reference run; stopped at the end if the test left it alive. Only its own processes."""
+    temp = tmp_path_factory.mktemp("node")
+    start_node(ray_cluster["address"], temp, cpus=1)
+    yield str(temp)
+    stop_cluster(str(temp))
 
-    code, out, err = run_until(cluster, tmp_path, [(3, kill_a_worker), (5, lambda p: p.send_signal(signal.SIGTERM))],
-                               *flags, "--name", "faults")
-    assert code == 128 + signal.SIGTERM, err
-    assert "continue with 'mlo-mae pretrain --resume faults'" in err
+
+def resumed_at(stdout: str) -> int:
+    return int(re.search(r"^resumed from the checkpoint at iteration (\d+)/", stdout, re.M).group(1))
+
+
+def placements(stdout: str) -> list[tuple[int, list[str]]]:
+    """(nodes, node id per rank) of every worker group the run started, in order."""
+    found = re.findall(r"^(\d+) worker\(s\) on (\d+) node\(s\): (.+)$", stdout, re.M)
+    return [(int(nodes), re.findall(r"rank \d+ on (\w+)", ranks)) for _, nodes, ranks in found]
+
+
+def test_a_lost_node_and_a_killed_driver_both_end_like_the_uninterrupted_run(cluster, second_node, reference, flags,
+                                                                            tmp_path, cli_run):
+    """Two nodes, a worker on each (--placement spread). At iteration 3 the second node's whole process
+    tree is SIGKILLed (a machine lost): Ray marks the node dead, Ray Train restarts the group on the head
+    from the checkpoint at 2 and the run goes on. At 5 the driver is SIGKILLed (no chance to clean up);
+    ``--resume`` goes on from the checkpoint at 4. The steps are continuous and the final parameters
+    equal the uninterrupted run's. --cpus-per-worker 0.5: two workers and Ray Data fit the head alone."""
+    wide = [*flags, "--placement", "spread", "--cpus-per-worker", "0.5"]
+    code, out, err = run_until(cluster, tmp_path, [(3, lambda _: kill_node(second_node)),
+                                                   (5, lambda p: p.send_signal(signal.SIGKILL))], *wide, "--name", "faults")
+    assert code == -signal.SIGKILL, err
+    groups = placements(out)
+    assert len(groups) == 2, out
+    (nodes, ranks), (after, moved) = groups
+    assert nodes == 2 and len(set(ranks)) == 2  # spread: one worker on each node
+    assert after == 1 and set(moved) < set(ranks)  # the survivors: the head only
     restarted = re.findall(r"^resumed from the checkpoint at iteration (\d+)/", out, re.M)
     assert len(restarted) == 1 and int(restarted[0]) in (2, 4), out  # 4 if the kill landed after step 4
     seen = steps(out)
     assert_continuous(seen, int(restarted[0]), seen[-1])
-    assert seen[-1] >= 5
+    assert seen[-1] == 5
+
     again = cli_run("pretrain", "--storage-path", tmp_path, *flags, "--name", "faults")
     assert again.returncode == 2 and "already exists" in again.stderr
     wrong = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults", "--workers", "1")
     assert wrong.returncode == 2 and "started with 2 workers" in wrong.stderr
-    resumed = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults", "--workers", "2")
+    resumed = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults")
     assert resumed.returncode == 0, resumed.stderr
-    at = int(re.search(r"^resumed from the checkpoint at iteration (\d+)/", resumed.stdout, re.M).group(1))
-    assert at in (4, 6) and at <= seen[-1]  # the last checkpoint before the SIGTERM landed
-    assert steps(resumed.stdout) == list(range(at + 1, STEPS + 1))
+    at = resumed_at(resumed.stdout)  # 4, or 6 if the workers stored it before Ray stopped them
+    assert at in (4, 6) and steps(resumed.stdout) == list(range(at + 1, STEPS + 1))
     assert_same_parameters(final_state(resumed.stdout), final_state(reference["result"].stdout))
+
+
+def test_a_stopped_driver_exits_143_and_says_how_to_continue(cluster, flags, tmp_path):
+    """SIGTERM (what a scheduler or `kill` sends; Ctrl-C takes the same path) once the run has joined Ray:
+    Ray is shut down, the exit status is 128 + 15, the last line says how to continue and the MLflow run
+    is KILLED, not left RUNNING."""
+    proc = subprocess.Popen(_command(tmp_path, *flags, "--name", "stopped"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(cluster))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Ray: "):  # the cluster joined, Ray Train starting
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "continue with 'mlo-mae pretrain --resume stopped'" in err.strip().splitlines()[-1], err
+    run_id = RUN_ID.search(out).group(1)
+    assert mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status == "KILLED"
 
 
 def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(cluster, flags, tmp_path, cli_run,

@@ -107,6 +107,9 @@ def test_params_tags_and_per_level_metrics(runs):
     assert tags["version.torch"] == torch.__version__.split("+")[0] or tags["version.torch"] == torch.__version__
     assert Path(tags["mlo_mae.checkpoint"]).parent == runs["storage"] / "reference"
     assert params["workers"] == "2" and params["global_batch"] == "32"
+    # where the workers ran (tags: a restarted group may move); the session's cluster is one node
+    assert tags["ray.nodes"] == "1" and tags["ray.node.rank0"] == tags["ray.node.rank1"]
+    assert re.fullmatch(r"[0-9a-f]{56}", tags["ray.node.rank0"])
     for key in ("train/loss_mae", "train/loss_head", "train/loss_val", "train/hypergrad_norm", "mask/entropy",
                 "mask/ratio", "mask/saturated", "mask/mean_prob_masked", "lr/mae", "lr/head", "lr/mask",
                 "perf/images_per_s", "perf/data_wait", "hypergrad/path_ratio"):

@@ -50,6 +50,7 @@ class Launch:
     cpus_per_worker: float | None = None  # None: see resources()
     gpus_per_worker: float | None = None  # None: 1 when the config asks for CUDA (or auto and the cluster has GPUs)
     address: str | None = None  # None: start a local cluster sized to this machine
+    placement: str = "pack"  # pack: fewest nodes; spread: one worker a node where it can (both best effort)
     concurrent: int = 1  # runs training at once on the cluster (a study's trials): they split CPUs and threads
     reserved_cpus: float = 0.0  # CPUs that other actors hold (Tune's trial drivers), not for workers or data
 
@@ -155,6 +156,35 @@ def run_params(cfg: config_mod.Config, data: PreparedDataset, workers: int) -> d
             "total_iterations": total_iterations(cfg, data.count("train"))}
 
 
+def on_this_node():
+    """Schedule an actor on the driver's node: it lives and dies with the driver, not with a worker node
+    (the progress queue on a lost node would end the run's output, though training goes on)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def fit(trainer, outcome: dict[str, Any]) -> None:
+    """``trainer.fit()`` into ``outcome`` ("result" or "error"), for a thread: the main thread relays progress."""
+    try:
+        outcome["result"] = trainer.fit()
+    except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+        outcome["error"] = err
+
+
+def cluster_line(per_worker: dict[str, float], launch: Launch) -> str:
+    """The cluster a run joined and what each worker reserves on it."""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    gpus = f", {total['GPU']:g} GPU(s)" if total.get("GPU") else ""
+    reserve = " + ".join(f"{v:g} {k}" for k, v in per_worker.items())
+    return (f"Ray: {nodes} node(s), {total.get('CPU', 0):g} CPU(s){gpus}; each of {launch.workers} worker(s) "
+            f"reserves {reserve}, placement {launch.placement}")
+
+
 def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
                  echo: Callable[[str], None], tracking: dict[str, str] | None = None,
                  callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -169,39 +199,35 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
 
     from .worker import train_loop_per_worker
 
-    connect(launch.address)
-    poll_workers_often()
-    if tracking:
-        warn_local_store(tracking["uri"], lambda text: print(text, file=sys.stderr))
-    use_gpu, per_worker = resources(cfg, launch)
-    progress = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "dataset_path": str(data.root.resolve()), "progress": progress,
-                           "run_dir": f"{storage_uri(launch.storage_path)}/{launch.name}",
-                           # fault injection for tests: level:batch:rank gets NaN images
-                           "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN"), "tracking": tracking,
-                           "concurrent": launch.concurrent},
-        scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(
-            name=launch.name, storage_path=storage_uri(launch.storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures), callbacks=list(callbacks)),
-    )
     outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    failure, metrics = None, {}
+    thread, failure, metrics = None, None, {}
+    connect(launch.address)  # first: joining Ray installs Ray's own SIGTERM handler, which aborts
+    poll_workers_often()
     with sigterm_as_sigint() as received:  # a Tune trial runs this in a thread: Tune stops trials itself
-        thread.start()
         try:
+            if tracking:
+                warn_local_store(tracking["uri"], lambda text: print(text, file=sys.stderr))
+            use_gpu, per_worker = resources(cfg, launch)
+            echo(cluster_line(per_worker, launch))
+            progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"config": cfg.to_dict(), "dataset_path": str(data.root.resolve()),
+                                   "progress": progress, "run_dir": f"{storage_uri(launch.storage_path)}/{launch.name}",
+                                   # fault injection for tests: level:batch:rank gets NaN images
+                                   "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN"), "tracking": tracking,
+                                   "concurrent": launch.concurrent},
+                scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=use_gpu,
+                                                       resources_per_worker=per_worker,
+                                                       placement_strategy=launch.placement.upper()),
+                run_config=ray.train.RunConfig(
+                    name=launch.name, storage_path=storage_uri(launch.storage_path),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                    callbacks=list(callbacks)),
+            )
+            thread = threading.Thread(target=fit, args=(trainer, outcome), name="ray-train-fit", daemon=True)
+            thread.start()
             while thread.is_alive() or not progress.empty():
                 try:
                     kind, text = progress.get(timeout=0.5)
@@ -218,7 +244,8 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
                     echo(text)
         except KeyboardInterrupt:
             ray.shutdown()  # stops the controller and the workers; the checkpoints stay in storage
-            thread.join(timeout=60)  # fit() fails fast once disconnected; exiting under it can crash
+            if thread is not None:
+                thread.join(timeout=60)  # fit() fails fast once disconnected; exiting under it can crash
             raise TrainingInterrupted(launch.name, last_signal(received)) from None
     thread.join()
     if "error" in outcome:

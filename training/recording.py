@@ -72,6 +72,13 @@ class Recorder:
         self.history: list[dict[str, Any]] = []
         self.figures: dict[str, Image.Image] = {}  # the last evaluation's heatmaps, filed again at the end
 
+    def placement(self, nodes: list[str]) -> None:
+        """The Ray node id of every rank, as tags (a restarted worker group may land elsewhere: tags, unlike
+        params, may change): ``ray.nodes`` (how many) and ``ray.node.rank<i>``."""
+        if self.logger is not None:
+            tags = {"ray.nodes": str(len(set(nodes))), **{f"ray.node.rank{i}": node for i, node in enumerate(nodes)}}
+            self.logger.tags(tags)
+
     def step(self, stats: StepStats, images_per_s: float, data_wait: float) -> None:
         if self.logger is not None:
             self.logger.metrics({**step_metrics(stats), "perf/images_per_s": images_per_s,

@@ -338,6 +338,11 @@ class RunLogger:
     def artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.guarded(local_dir, lambda: self.client.log_artifacts(self.run_id, local_dir, artifact_path))
 
+    def tags(self, values: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.guarded("tags", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()]))
+
 
 
 def record_checkpoint(uri: str, run_id: str, checkpoint: str, run_dir: str, name: str) -> None:

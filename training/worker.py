@@ -75,6 +75,12 @@ def evaluation_line(ev) -> str:
     return line
 
 
+def placement_line(nodes: list[str]) -> str:
+    """Which Ray node each rank runs on (node ids shortened as ``ray status`` and the dashboard do)."""
+    where = ", ".join(f"rank {rank} on {node[:8]}" for rank, node in enumerate(nodes))
+    return f"{len(nodes)} worker(s) on {len(set(nodes))} node(s): {where}"
+
+
 def _restore(engine: MLOEngine, cfg: config_mod.Config, world: int, run_dir: str) -> dict[str, Any] | None:
     """Load the run's latest checkpoint into ``engine``, if there is one; check it fits this run.
     Returns the whole saved state (the recorder's part too), None when starting afresh."""
@@ -153,6 +159,10 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             recorder.load_state_dict(restored.get("recorder", {}))
     if restored is not None:
         say("log", f"resumed from the checkpoint at iteration {engine.iteration}/{engine.total_steps}")
+    nodes = gather_objects(ray.get_runtime_context().get_node_id())
+    say("log", placement_line(nodes))
+    if recorder is not None:
+        recorder.placement(nodes)
     if recorder is not None and not recorder.latest():
         recorder.evaluate()  # step 0 (the masks before any training), or a checkpoint saved without the numbers
     raw = _streams(engine, data, cfg, rank, world)

@@ -38,6 +38,7 @@ class StudyOptions:
     metric: str = "val_top1"
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
+    placement: str = "pack"  # of each trial's workers (see Launch)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class TrialSpec:
     workers: int
     cpus_per_worker: float | None
     gpus_per_worker: float | None
+    placement: str
     concurrent: int
     tracking_uri: str
     experiment: str
@@ -129,7 +131,7 @@ class TrialSpec:
     def of(cls, settings: StudySettings) -> TrialSpec:
         options = settings.options
         return cls(settings.name, settings.base, settings.dataset, settings.trials_path, options.workers_per_trial,
-                   options.cpus_per_worker, options.gpus_per_worker, settings.concurrent, settings.mlflow.uri,
+                   options.cpus_per_worker, options.gpus_per_worker, options.placement, settings.concurrent, settings.mlflow.uri,
                    settings.mlflow.experiment, settings.mlflow.run_id)
 
 

@@ -46,7 +46,7 @@ def run_trial(sample: dict[str, Any], spec: TrialSpec) -> None:
                            tags={STUDY_TAG: spec.study, TRIAL_TAG: trial_id})
     launch = Launch(name=trial_id, storage_path=spec.trials_path, workers=spec.workers,
                     cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
-                    concurrent=spec.concurrent, reserved_cpus=TRIAL_CPUS * spec.concurrent)
+                    placement=spec.placement, concurrent=spec.concurrent, reserved_cpus=TRIAL_CPUS * spec.concurrent)
     try:
         # The run's status is the study driver's to set: only it knows whether Tune finished, stopped or
         # failed the trial (a trial being stopped can see its TorchTrainer vanish and fail here first).
