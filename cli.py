@@ -180,6 +180,7 @@ def pretrain(config_file: Path | None, preset: str | None, print_config: bool, w
     an MLflow run (metrics, heatmaps, the encoder for timm): see 'mlo-mae runs'.
     """
     ctx = click.get_current_context()
+    _check_storage(storage_path)
     if resume_name is not None:
         given = _given(ctx, ("resume_name", "storage_path", "address", "workers", "cpus_per_worker",
                              "gpus_per_worker", "placement"))
@@ -206,6 +207,13 @@ def pretrain(config_file: Path | None, preset: str | None, print_config: bool, w
                     workers=workers or 1, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                     address=address, placement=placement)
     new_run(cfg, launch, RunTracking(uri, experiment), click.echo, _warn)
+
+
+def _check_storage(storage_path: str) -> None:
+    """An object-store --storage-path must answer before anything starts."""
+    from pipelines.location import check_reachable
+
+    check_reachable(storage_path, "--storage-path")
 
 
 def _check_dataset(name: str) -> None:
@@ -260,6 +268,7 @@ def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurre
     STORAGE/NAME/best-config.yaml, ready for 'mlo-mae pretrain --config'.
     """
     ctx = click.get_current_context()
+    _check_storage(storage_path)
     if resume_name is not None:
         given = _given(ctx, ("resume_name", "storage_path", "address"))
         if given:
@@ -312,7 +321,7 @@ def _print_study(outcome) -> None:
 
 @cli.command()
 @click.argument("source")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out")
 @click.option("--test-source", type=click.Path(path_type=Path), default=None,
               help="ImageFolder tree of the official test/val split [default: carve 20% of SOURCE].")
 @click.option("--seed", type=int, default=0, help="Seed of the stratified split and of the row order.")
@@ -326,7 +335,7 @@ def _print_study(outcome) -> None:
               help="Processes that decode and write [default: all cores].")
 @click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), default="skip",
               help="skip: leave unreadable inputs out and list them in the manifest; fail: stop at the first.")
-def prepare(source: str, out: Path, test_source: Path | None, seed: int, cifar_labels: str,
+def prepare(source: str, out: str, test_source: Path | None, seed: int, cifar_labels: str,
             shard_size_mb: float, shard_rows: int | None, jobs: int | None, on_bad_image: str) -> None:
     """Turn SOURCE into Parquet shards in OUT with the fixed train/val/test splits.
 
@@ -339,8 +348,12 @@ def prepare(source: str, out: Path, test_source: Path | None, seed: int, cifar_l
     /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).
     Splits: test = the official one (CIFAR, IDX t10k, --test-source) or 20%
     carved per class; val (D_val) = 20% of the rest per class; train (D_tr)
-    the remaining 80%. OUT gets train/, val/, test/ and manifest.json.
+    the remaining 80%. OUT (a folder, or s3://bucket/prefix: see 'Running on
+    a cluster' in the README) gets train/, val/, test/ and manifest.json.
     """
+    from pipelines.location import check_reachable
+
+    check_reachable(out, "OUT")
     from pipelines.catalog import progress_bar
     from pipelines.prepare import prepare as run_prepare
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlo_mae.errors import InputError
+
+from .location import LocationError, absolute, check_reachable, filesystem, join, missing, read_bytes, short_reason
 
 FORMAT = "mlo-mae/parquet-v1"
 MANIFEST = "manifest.json"
@@ -24,9 +27,11 @@ class DatasetError(InputError):
     """A prepared folder that cannot be used; the message is one line for the user."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The checksum of a local file or of an object (``s3://...``)."""
+    fs, inner = filesystem(str(path))
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_input_stream(inner) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -34,7 +39,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class PreparedDataset:
-    root: Path
+    """``root``: the folder's absolute path, or its URI (``s3://bucket/prefix``)."""
+
+    root: str
     manifest: dict[str, Any]
 
     @property
@@ -49,7 +56,7 @@ class PreparedDataset:
         return int(self.manifest["counts"][split]["total"])
 
     def files(self, split: str) -> list[str]:
-        return [str(self.root / s["file"]) for s in self.manifest["shards"] if s["split"] == split]
+        return [join(self.root, s["file"]) for s in self.manifest["shards"] if s["split"] == split]
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -66,26 +73,32 @@ class PreparedDataset:
     def verify(self) -> None:
         """Every shard present with its recorded checksum (reads every byte: slow on big sets)."""
         for shard in self.manifest["shards"]:
-            path = self.root / shard["file"]
+            path = join(self.root, shard["file"])
             if sha256_file(path) != shard["sha256"]:
-                raise DatasetError(f"'{path}' does not match its checksum in {self.root / MANIFEST}")
+                raise DatasetError(f"'{path}' does not match its checksum in {join(self.root, MANIFEST)}")
 
 
 def load_prepared(path: Path | str) -> PreparedDataset:
-    root = Path(path)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise DatasetError(f"'{root}' is not a prepared data set (no {MANIFEST}); "
-                           f"run 'mlo-mae prepare SOURCE {root}' first")
+    """The prepared data set in folder (or at URI) ``path``, checked: a manifest of this format, every
+    shard it lists present, non-empty train and val splits."""
+    root = absolute(path)
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"'{manifest_path}' is not valid JSON ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(f"'{manifest_path}' has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for shard in manifest["shards"]:
-        if not (root / shard["file"]).is_file():
-            raise DatasetError(f"'{root}': shard {shard['file']} listed in {MANIFEST} is missing")
+        check_reachable(root, "--dataset")
+        text = read_bytes(join(root, MANIFEST))
+        if text is None:
+            raise DatasetError(f"'{path}' is not a prepared data set (no {MANIFEST}); "
+                               f"run 'mlo-mae prepare SOURCE {path}' first")
+        try:
+            manifest = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f"'{join(root, MANIFEST)}' is not valid JSON ({err})") from None
+        if manifest.get("format") != FORMAT:
+            raise DatasetError(f"'{join(root, MANIFEST)}' has format {manifest.get('format')!r}, expected {FORMAT!r}")
+        absent = missing([join(root, shard["file"]) for shard in manifest["shards"]])
+        if absent:
+            raise DatasetError(f"'{root}': shard {absent[0][len(root) + 1:]} listed in {MANIFEST} is missing")
+    except OSError as err:  # object storage failing midway (the checks above name most causes)
+        raise LocationError(f"--dataset '{root}' cannot be read ({short_reason(err)})") from None
     for split in ("train", "val"):
         if manifest["counts"][split]["total"] == 0:
             raise DatasetError(f"'{root}': the {split} split is empty")

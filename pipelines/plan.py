@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from .location import filesystem, is_uri
 from .manifest import DatasetError
 
 MIN_CHUNKS_PER_RANK = 4
@@ -60,8 +61,11 @@ class Window:
 
 
 def open_shard(file: str) -> pq.ParquetFile:
-    """A prepared shard; an unreadable one is a one-line ``DatasetError`` naming it."""
+    """A prepared shard (a local file or an object); an unreadable one is a one-line ``DatasetError`` naming it."""
     try:
+        if is_uri(file):
+            fs, path = filesystem(file)
+            return pq.ParquetFile(fs.open_input_file(path))
         return pq.ParquetFile(file)
     except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
         raise DatasetError(f"shard '{file}' cannot be read ({' '.join(str(err).split())[:160]}); "

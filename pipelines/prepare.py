@@ -5,7 +5,10 @@ input once (in parallel for file trees) to classify it, find duplicates and
 gather statistics; the split is then decided. Pass 2 writes each split's shards
 (one task per shard), rows in a seeded shuffled order so that streaming a few
 shards already mixes classes. Everything is written to a hidden sibling folder
-that is renamed into place only when complete.
+that is renamed into place only when complete. An OUT in object storage
+(``s3://bucket/prefix``) is prepared in a local temporary folder the same way,
+then uploaded shard by shard with ``manifest.json`` last: a prefix without a
+manifest is never mistaken for a data set.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -24,12 +28,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 from mlo_mae.errors import InputError
 
 from .images import Inspection, inspect_bytes
-from .manifest import FORMAT, MANIFEST, sha256_file
+from .location import absolute, check_reachable, filesystem, is_uri, join, short_reason
+from .manifest import FORMAT, MANIFEST, load_prepared, sha256_file
 from .sources import Item, SourceError, inspect_file, open_source
 from .splits import SPLITS, TEST_FRACTION, VAL_FRACTION, assign_splits, rank_key
 
@@ -74,6 +80,48 @@ def _fingerprint(source_desc: dict, seed: int) -> dict:
                            "val": VAL_FRACTION}}
 
 
+def _same_data_set(previous: dict, fingerprint: dict, out: str) -> bool:
+    """True when the manifest ``previous`` is of this very data set; raises if it is of another one."""
+    if {k: previous.get(k) for k in fingerprint} == fingerprint:
+        return True
+    raise PrepareError(f"OUT '{out}' already holds a different data set (source "
+                       f"{previous.get('source', {}).get('path')!r}, seed {previous.get('seed')}); "
+                       "choose another folder")
+
+
+def _check_remote_output(out: str, fingerprint: dict) -> bool:
+    """``_check_output`` for a URI: its manifest, else no object under the prefix."""
+    check_reachable(out, "OUT")
+    fs, root = filesystem(out)
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True, recursive=True))
+        if not any(f.path == join(root, MANIFEST) for f in found):
+            if found:
+                raise PrepareError(f"OUT '{out}' is not empty and holds no {MANIFEST}; choose an empty or new prefix")
+            return False
+        with fs.open_input_stream(join(root, MANIFEST)) as handle:
+            previous = json.loads(handle.read())
+    except (OSError, ValueError) as err:
+        raise PrepareError(f"OUT '{out}' cannot be read ({short_reason(err)})") from None
+    return _same_data_set(previous, fingerprint, out)
+
+
+def _upload(folder: Path, out: str, progress: Progress) -> None:
+    """Every file of ``folder`` to the prefix ``out``, ``manifest.json`` last."""
+    fs, root = filesystem(out)
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == MANIFEST, str(p)))
+    with progress("uploading", sum(p.stat().st_size for p in files) // 2**20 or 1) as bar:
+        for path in files:
+            target = join(root, path.relative_to(folder).as_posix())
+            try:
+                with open(path, "rb") as source, fs.open_output_stream(target) as sink:
+                    shutil.copyfileobj(source, sink, 8 * 2**20)
+            except OSError as err:
+                raise PrepareError(f"OUT '{out}': uploading {path.name} failed ({short_reason(err)}); run prepare "
+                                   "again") from None
+            bar.update(path.stat().st_size // 2**20)
+
+
 def _check_output(out: Path, fingerprint: dict) -> bool:
     """True when ``out`` already holds this very data set; raises if it holds anything else."""
     if not out.exists():
@@ -86,11 +134,7 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
             previous = json.loads(manifest.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             previous = {}
-        if {k: previous.get(k) for k in fingerprint} == fingerprint:
-            return True
-        raise PrepareError(f"OUT '{out}' already holds a different data set (source "
-                           f"{previous.get('source', {}).get('path')!r}, seed {previous.get('seed')}); "
-                           "choose another folder")
+        return _same_data_set(previous, fingerprint, str(out))
     if any(out.iterdir()):
         raise PrepareError(f"OUT '{out}' is not empty and holds no {MANIFEST}; choose an empty or new folder")
     return False
@@ -171,10 +215,11 @@ def prepare(source_arg: str, out: Path, *, test_source: Path | None = None, seed
     items = list(source.items())
     desc = dict(source.describe(), has_official_test=any(it.official_test for it in items))
     fingerprint = _fingerprint(desc, seed)
-    out = Path(out)
-    if _check_output(out, fingerprint):
-        log(f"'{out}' already holds this data set (same source and seed); nothing to do")
-        return json.loads((out / MANIFEST).read_text())
+    remote = absolute(out) if is_uri(str(out)) else None
+    out = Path(str(out).rstrip("/").rsplit("/", 1)[-1]) if remote else Path(out)  # remote: its name only
+    if _check_remote_output(remote, fingerprint) if remote else _check_output(out, fingerprint):
+        log(f"'{remote or out}' already holds this data set (same source and seed); nothing to do")
+        return load_prepared(remote or out).manifest
     if not items:
         raise PrepareError(f"SOURCE '{source_arg}' holds no files in its class folders")
 
@@ -203,18 +248,22 @@ def prepare(source_arg: str, out: Path, *, test_source: Path | None = None, seed
     for row, split in zip(rows, splits):
         row.split = str(split)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    staging = Path(tempfile.mkdtemp(prefix="mlo-mae-prepare-")) if remote else out.parent
+    tmp = staging / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shard_table = _write_splits(source, rows, tmp, seed, int(shard_mb * 2**20), shard_rows, jobs, progress)
         manifest = _manifest(source, desc, fingerprint, rows, skipped, shard_table, tmp, seed,
                              shard_mb, shard_rows, time.perf_counter() - start)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            out.rmdir()  # known empty (checked above)
-        os.replace(tmp, out)
+        if remote:
+            _upload(tmp, remote, progress)
+        else:
+            if out.exists():
+                out.rmdir()  # known empty (checked above)
+            os.replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp if not remote else staging, ignore_errors=True)
     return manifest
 
 

@@ -48,7 +48,25 @@ def digits(data_dir):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def object_store(tmp_path_factory):
+    """moto's S3-API server for the session (see ``shared_runs.S3Server``), its endpoint and credentials
+    exported as a user would (``AWS_ENDPOINT_URL``, ...) before the Ray cluster and the MLflow server
+    start, so that every process of the session reaches bucket ``object_store.BUCKET``."""
+    from shared_runs import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    # moto answers a presigned URL with a 500 when its authentication is on; MLflow clients otherwise fetch
+    # artifacts of an S3-backed server that way, so here they stream them through the server instead.
+    streamed = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
+    with contextlib.ExitStack() as stack:
+        for name, value in {**server.env, **streamed}.items():
+            stack.enter_context(environment(name, value))
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(object_store, tmp_path_factory):
     """One 2-CPU Ray head node for the session, exported as $RAY_ADDRESS: every run a test starts, in this
     process or in a CLI process, joins it instead of starting a cluster of its own (5-10 s each)."""
     from cluster import start_head, stop_cluster
@@ -72,11 +90,12 @@ def mlflow_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on loopback (sqlite backend, proxied artifacts); ``.uri`` waits until it answers."""
+def mlflow_server(object_store, tmp_path_factory):
+    """``mlflow server`` on loopback (sqlite backend, artifacts proxied to s3://BUCKET/mlflow on the
+    session's object store); ``.uri`` waits until it answers."""
     from shared_runs import MlflowServer
 
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), f"s3://{object_store.BUCKET}/mlflow")
     yield server
     server.stop()
 

@@ -1,5 +1,6 @@
 """Components and runs that several test modules read, started once per session by conftest's fixtures:
-an ``mlflow server``, the sealed copy of the digits and the suite's one uninterrupted 2-worker run.
+an S3-API server (moto's), an ``mlflow server`` that keeps its artifacts in it, the sealed copy of the
+digits and the suite's one uninterrupted 2-worker run.
 
 Each Ray Train run costs about 30 s to start on 2 cores, whatever its length, so the
 uninterrupted run that ``test_distributed`` compares every faulted run with is also the
@@ -8,6 +9,7 @@ tracked run whose params, metrics, heatmaps and encoder ``test_tracking`` reads 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -34,20 +36,70 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class S3Server:
+    """moto's standalone S3-API server on loopback, with authentication on (a wrong key is refused): the
+    IAM user ``tests`` may do anything, and bucket ``BUCKET`` exists. ``env`` is what a user would
+    export to use it (endpoint, the user's key, region)."""
+
+    BUCKET = "mlo-mae"
+
+    def __init__(self, folder: Path) -> None:
+        import boto3
+
+        port = free_port()
+        self.log = folder / "moto.log"
+        # the first 3 requests (creating the user, its policy and key) need no signature; then every one does
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                      "-p", str(port)], stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
+                                     env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
+                time.sleep(0.2)
+        anonymous = boto3.session.Session(aws_access_key_id="setup", aws_secret_access_key="setup",
+                                          region_name="us-east-1")
+        iam = anonymous.client("iam", endpoint_url=endpoint)
+        iam.create_user(UserName="tests")
+        iam.put_user_policy(UserName="tests", PolicyName="everything", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="tests")["AccessKey"]
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                    "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1"}
+        self.s3 = boto3.session.Session(aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                                        aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+                                        region_name="us-east-1").client("s3", endpoint_url=endpoint)
+        self.s3.create_bucket(Bucket=self.BUCKET)
+
+    def keys(self, prefix: str) -> list[str]:
+        """The object keys under ``prefix`` in the bucket."""
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 class MlflowServer:
-    """``mlflow server`` on loopback at a free port (sqlite backend, proxied artifacts in ``folder``).
+    """``mlflow server`` on loopback at a free port (sqlite backend, proxied artifacts in ``artifacts``: a
+    folder, or ``s3://...`` reached with this process's AWS settings).
 
     It starts at once and answers /health some 10 s later: ``uri`` waits for that, so that the
     session's Ray cluster and the sealed data get ready meanwhile. ``stop()`` sends SIGTERM."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, artifacts: str | None = None) -> None:
         port = free_port()
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
         self.log = folder / "server.log"
         self.proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server",
                                       "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                                      "--artifacts-destination", str(folder / "artifacts"),
+                                      "--artifacts-destination", artifacts or str(folder / "artifacts"),
                                       "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env)
         self._uri, self._up = f"http://127.0.0.1:{port}", False

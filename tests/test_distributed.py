@@ -25,6 +25,8 @@ from cluster import kill_node, start_node, stop_cluster
 import mlflow
 from shared_runs import RUN_ID, STEPS, TRAINING
 
+from training import checkpoints
+
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| ")
 
@@ -35,7 +37,7 @@ def cluster(ray_cluster):
     return ray_cluster["address"]
 
 
-def _command(storage: Path, *args: str) -> list[str]:
+def _command(storage: Path | str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "cli.py"), "pretrain", "--storage-path", str(storage), *args]
 
 
@@ -43,7 +45,7 @@ def _env(address: str) -> dict:
     return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
 
 
-def run_until(address: str, storage: Path, actions: list, *args: str) -> tuple[int, str, str]:
+def run_until(address: str, storage: Path | str, actions: list, *args: str) -> tuple[int, str, str]:
     """Start a run; ``actions`` is a list of (step, action): each ``action(process)`` is called, in turn,
     the next time the run prints that step; then wait for the run to end."""
     proc = subprocess.Popen(_command(storage, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -65,8 +67,8 @@ def steps(stdout: str) -> list[int]:
 
 
 def final_state(stdout: str) -> dict:
-    path = re.search(r"^final checkpoint: (.+)$", stdout, re.M).group(1)
-    return torch.load(Path(path) / "state.pt", weights_only=True)
+    """The state of the run's final checkpoint (a folder, or a URI in the bucket)."""
+    return checkpoints.read_state(re.search(r"^final checkpoint: (.+)$", stdout, re.M).group(1))
 
 
 def assert_same_parameters(a: dict, b: dict) -> None:
@@ -123,16 +125,28 @@ def placements(stdout: str) -> list[tuple[int, list[str]]]:
     return [(int(nodes), re.findall(r"rank \d+ on (\w+)", ranks)) for _, nodes, ranks in found]
 
 
+@pytest.fixture
+def bucket_digits(object_store, cli_run, tmp_path) -> str:
+    """The reference's digits prepared into the session's bucket: the same shards (prepare is
+    deterministic), so a run on them must end like the reference (which never reads the test split)."""
+    uri = f"s3://{object_store.BUCKET}/datasets/digits"
+    prepared = cli_run("prepare", "digits", uri, "--shard-rows", "128", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    return uri
+
+
 def test_a_lost_node_and_a_killed_driver_both_end_like_the_uninterrupted_run(cluster, second_node, reference, flags,
-                                                                            tmp_path, cli_run):
-    """Two nodes, a worker on each (--placement spread). At iteration 3 the second node's whole process
-    tree is SIGKILLed (a machine lost): Ray marks the node dead, Ray Train restarts the group on the head
-    from the checkpoint at 2 and the run goes on. At 5 the driver is SIGKILLed (no chance to clean up);
-    ``--resume`` goes on from the checkpoint at 4. The steps are continuous and the final parameters
-    equal the uninterrupted run's. --cpus-per-worker 0.5: two workers and Ray Data fit the head alone."""
-    wide = [*flags, "--placement", "spread", "--cpus-per-worker", "0.5"]
-    code, out, err = run_until(cluster, tmp_path, [(3, lambda _: kill_node(second_node)),
-                                                   (5, lambda p: p.send_signal(signal.SIGKILL))], *wide, "--name", "faults")
+                                                                            bucket_digits, object_store, cli_run):
+    """Two nodes, a worker on each (--placement spread), shards and checkpoints in the bucket. At
+    iteration 3 the second node's whole process tree is SIGKILLed (a machine lost): Ray marks the node
+    dead, Ray Train restarts the group on the head from the checkpoint at 2 in the bucket and the run
+    goes on. At 5 the driver is SIGKILLed (no chance to clean up); ``--resume`` goes on from the
+    checkpoint at 4. The steps are continuous and the final parameters equal the uninterrupted run's.
+    --cpus-per-worker 0.5: two workers and Ray Data fit the head alone."""
+    storage = f"s3://{object_store.BUCKET}/runs"
+    wide = [*TRAINING, "--dataset", bucket_digits, "--placement", "spread", "--cpus-per-worker", "0.5"]
+    code, out, err = run_until(cluster, storage, [(3, lambda _: kill_node(second_node)),
+                                                  (5, lambda p: p.send_signal(signal.SIGKILL))], *wide, "--name", "faults")
     assert code == -signal.SIGKILL, err
     groups = placements(out)
     assert len(groups) == 2, out
@@ -144,15 +158,19 @@ def test_a_lost_node_and_a_killed_driver_both_end_like_the_uninterrupted_run(clu
     seen = steps(out)
     assert_continuous(seen, int(restarted[0]), seen[-1])
     assert seen[-1] == 5
+    stored = object_store.keys("runs/faults/")
+    assert "runs/faults/mlo-mae-run.yaml" in stored and any(k.endswith("/state.pt") for k in stored)
 
-    again = cli_run("pretrain", "--storage-path", tmp_path, *flags, "--name", "faults")
+    again = cli_run("pretrain", "--storage-path", storage, *flags, "--name", "faults")
     assert again.returncode == 2 and "already exists" in again.stderr
-    wrong = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults", "--workers", "1")
+    wrong = cli_run("pretrain", "--storage-path", storage, "--resume", "faults", "--workers", "1")
     assert wrong.returncode == 2 and "started with 2 workers" in wrong.stderr
-    resumed = cli_run("pretrain", "--storage-path", tmp_path, "--resume", "faults")
+    resumed = cli_run("pretrain", "--storage-path", storage, "--resume", "faults")
     assert resumed.returncode == 0, resumed.stderr
     at = resumed_at(resumed.stdout)  # 4, or 6 if the workers stored it before Ray stopped them
     assert at in (4, 6) and steps(resumed.stdout) == list(range(at + 1, STEPS + 1))
+    final = re.search(r"^final checkpoint: (.+)$", resumed.stdout, re.M).group(1)
+    assert final.startswith(f"{storage}/faults/checkpoint_")
     assert_same_parameters(final_state(resumed.stdout), final_state(reference["result"].stdout))
 
 

@@ -157,6 +157,19 @@ def test_heatmaps_at_every_evaluation_decode_at_their_size(runs, name, tmp_path)
     assert "heatmaps/mask_strip.png" in files
 
 
+def test_the_servers_artifacts_are_objects_in_the_bucket(runs, object_store):
+    """The session's server keeps artifacts in s3://BUCKET/mlflow (--artifacts-destination): what the API
+    listed and served above are objects there, the heatmaps and the exported encoder among them."""
+    client = _client(runs["uri"])
+    run_id = runs["ids"]["mlo"]
+    experiment = client.get_run(run_id).info.experiment_id
+    stored = set(object_store.keys(f"mlflow/{experiment}/{run_id}/artifacts/"))
+    listed = {f"mlflow/{experiment}/{run_id}/artifacts/{f}" for f in _files(client, run_id)}
+    assert listed == stored and len(stored) > 20
+    for name in ("heatmaps/final/mask_panel.png", "heatmaps/mask_evolution.gif", "model/encoder.safetensors"):
+        assert f"mlflow/{experiment}/{run_id}/artifacts/{name}" in stored
+
+
 def test_encoder_artifact_loads_into_timm_and_matches_the_checkpoint(runs, tmp_path):
     client = _client(runs["uri"])
     run_id = runs["ids"]["mlo"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from mlo_mae import config as config_mod
 from mlo_mae.errors import Interrupted, RunFailed
+from pipelines.location import storage_env
 from pipelines.manifest import PreparedDataset
 
 from .signals import last_signal, sigterm_as_sigint
@@ -63,10 +64,13 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # Workers on a running cluster do not inherit this shell's object-store settings: the job carries them.
+    env = storage_env()
+    job = {"runtime_env": {"env_vars": env}} if env else {}
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR", **job)
     else:
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR", include_dashboard=False)
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR", include_dashboard=False, **job)
 
 
 def connect(address: str | None) -> None:
@@ -149,7 +153,7 @@ def run_params(cfg: config_mod.Config, data: PreparedDataset, workers: int) -> d
     """What an MLflow pretrain run records beside its config: the data set and the run's shape."""
     from .worker import total_iterations
 
-    return {"dataset.name": data.manifest["name"], "dataset.path": str(data.root.resolve()),
+    return {"dataset.name": data.manifest["name"], "dataset.path": data.root,
             "dataset.classes": data.num_classes, "dataset.train_images": data.count("train"),
             "dataset.val_images": data.count("val"), "dataset.test_images": data.count("test"),
             "workers": workers, "global_batch": workers * cfg.data.batch_mae,
@@ -212,7 +216,7 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
             progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={"config": cfg.to_dict(), "dataset_path": str(data.root.resolve()),
+                train_loop_config={"config": cfg.to_dict(), "dataset_path": data.root,
                                    "progress": progress, "run_dir": f"{storage_uri(launch.storage_path)}/{launch.name}",
                                    # fault injection for tests: level:batch:rank gets NaN images
                                    "inject_nan": os.environ.get("MLO_MAE_INJECT_NAN"), "tracking": tracking,
@@ -254,6 +258,8 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
     if failure:
         raise TrainingError(failure)
     result = outcome["result"]
-    if result.checkpoint is not None:
-        metrics["checkpoint"] = result.checkpoint.path
+    if result.checkpoint is not None:  # a URI again when the storage is one (Ray gives the path inside it)
+        storage = storage_uri(launch.storage_path)
+        scheme = f"{storage.split('://', 1)[0]}://" if "://" in storage else ""
+        metrics["checkpoint"] = scheme + result.checkpoint.path
     return metrics

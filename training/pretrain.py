@@ -122,7 +122,7 @@ def pretrain(cfg: config_mod.Config, launch: Launch, run: RunTracking | None, ec
         _open_tracking(run, cfg, data, launch, identity or RunIdentity(), resume)
         echo(f"MLflow run {run.run_id} (experiment '{run.experiment}') at {run.uri}")
     if not resume:
-        write_run(launch.storage_path, launch.name, {"config": cfg.to_dict(), "dataset": str(data.root.resolve()),
+        write_run(launch.storage_path, launch.name, {"config": cfg.to_dict(), "dataset": data.root,
                                                     "workers": launch.workers,
                                                     "mlflow": asdict(run) if run is not None else None})
 

@@ -6,18 +6,19 @@ keeps what ``--resume`` needs (config, data set, number of workers).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pyarrow.fs
 import yaml
+
+from pipelines.location import absolute, filesystem
 
 RUN_FILE = "mlo-mae-run.yaml"
 
 
 def storage_uri(path: str) -> str:
     """A local path made absolute (Ray needs that); URIs such as s3://... pass through."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return absolute(path)
 
 
 def resume_hint(command: str, name: str, storage_path: str) -> str:
@@ -25,11 +26,6 @@ def resume_hint(command: str, name: str, storage_path: str) -> str:
     the default folder."""
     storage = f" --storage-path {storage_path}" if storage_uri(storage_path) != storage_uri("ray_results") else ""
     return f"continue with 'mlo-mae {command} --resume {name}'{storage}"
-
-
-def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The pyarrow filesystem of ``uri`` (local without a scheme) and the path inside it."""
-    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
 
 
 def read_run(storage_path: str, name: str, file: str = RUN_FILE) -> dict[str, Any] | None:

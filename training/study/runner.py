@@ -273,7 +273,7 @@ def new_study(space: SearchSpace, base: config_mod.Config, options: StudyOptions
     trials = options.num_samples * space.grid_size
     concurrent = checks.concurrency(options, base, cluster, trials)
     checks.check_fits(options, base, cluster, concurrent)
-    settings = StudySettings.new(name, storage_path, base, str(data.root.resolve()), data.count("train"), options,
+    settings = StudySettings.new(name, storage_path, base, data.root, data.count("train"), options,
                                  concurrent, mlflow)
     try:
         start(settings, space)

@@ -1,0 +1,117 @@
+"""Where prepared data sets and runs live: a local path, or a URI (``s3://bucket/prefix``, ``gs://...``)
+read and written through pyarrow's filesystems.
+
+Object storage is configured as its tools expect: credentials and region from the
+environment or ``~/.aws`` (``AWS_ACCESS_KEY_ID``, ...), and a non-AWS server (MinIO, a
+local S3-API server) by ``AWS_ENDPOINT_URL``. A location that cannot be used is one
+``LocationError`` line naming it, raised in seconds, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING
+
+from mlo_mae.errors import InputError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+# pyarrow is imported only for URIs: a command refuses a wrong local path before anything heavy loads.
+
+# What Ray's workers need to reach the same object store as the driver (forwarded to the job's processes).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_S3_ENDPOINT_URL")
+
+
+class LocationError(InputError):
+    """A location that cannot be used; the message is one line naming it."""
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """A local path made absolute (Ray and the workers need that); a URI unchanged (a trailing / dropped)."""
+    location = str(location)
+    return location.rstrip("/") if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([str(location).rstrip("/"), *parts]) if is_uri(location) else os.path.join(location, *parts)
+
+
+def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem of ``location`` and the path inside it (local without a scheme)."""
+    import pyarrow.fs
+
+    location = str(location)
+    if not is_uri(location):
+        return pyarrow.fs.LocalFileSystem(), location
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except (OSError, ValueError) as err:  # ArrowInvalid (a ValueError): an unknown scheme or a bad URI
+        raise LocationError(f"'{location}': {short_reason(err)}") from None
+
+
+def short_reason(err: BaseException) -> str:
+    """pyarrow's and the AWS SDK's error text cut to what a user acts on."""
+    text = " ".join(str(err).split())
+    found = re.search(r"AWS Error (\w+)[^:]*:\s*(.*)", text)
+    if found:
+        text = f"{found.group(1)}: {found.group(2)}"
+    return text[:240]
+
+
+def check_reachable(location: str, what: str) -> None:
+    """For a URI: its bucket exists and answers with these credentials. One ``LocationError`` line naming
+    ``what`` (a flag or argument) and the URI otherwise. Local paths are left to their own checks."""
+    if not is_uri(location):
+        return
+    import pyarrow.fs
+
+    fs, path = filesystem(location)
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as err:
+        raise LocationError(f"{what} '{location}' cannot be reached ({short_reason(err)}); check "
+                            "AWS_ENDPOINT_URL and the credentials") from None
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise LocationError(f"{what} '{location}': bucket '{bucket}' does not exist")
+
+
+def storage_env() -> dict[str, str]:
+    """The object-store settings of this process that Ray's worker processes need too."""
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The content of a file or object, None if there is none."""
+    if not is_uri(location):
+        try:
+            with open(location, "rb") as handle:
+                return handle.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+    import pyarrow.fs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as handle:
+        return handle.read()
+
+
+def missing(locations: list[str]) -> list[str]:
+    """Those of ``locations`` (all local, or all under one URI's filesystem) that are not files."""
+    if not locations or not is_uri(locations[0]):
+        return [p for p in locations if not os.path.isfile(p)]
+    import pyarrow.fs
+
+    fs, _ = filesystem(locations[0])
+    infos = fs.get_file_info([filesystem(p)[1] for p in locations])
+    return [p for p, info in zip(locations, infos, strict=True) if info.type != pyarrow.fs.FileType.File]
