@@ -180,12 +180,12 @@ def pretrain(config_file: Path | None, preset: str | None, print_config: bool, w
     an MLflow run (metrics, heatmaps, the encoder for timm): see 'mlo-mae runs'.
     """
     ctx = click.get_current_context()
-    _check_storage(storage_path)
     if resume_name is not None:
         given = _given(ctx, ("resume_name", "storage_path", "address", "workers", "cpus_per_worker",
                              "gpus_per_worker", "placement"))
         if given:
             raise InputError(f"--resume continues a run with its saved settings; drop {', '.join(given)}")
+        _check_storage(storage_path)
         from training.launch import Launch
         from training.pretrain import resume_run
 
@@ -198,6 +198,7 @@ def pretrain(config_file: Path | None, preset: str | None, print_config: bool, w
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
         return
+    _check_storage(storage_path)
     _check_dataset(cfg.data.dataset)
     uri, experiment = _tracking(tracking_uri, experiment)
     from training.launch import Launch
@@ -268,11 +269,11 @@ def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurre
     STORAGE/NAME/best-config.yaml, ready for 'mlo-mae pretrain --config'.
     """
     ctx = click.get_current_context()
-    _check_storage(storage_path)
     if resume_name is not None:
         given = _given(ctx, ("resume_name", "storage_path", "address"))
         if given:
             raise InputError(f"--resume continues a study with its saved settings; drop {', '.join(given)}")
+        _check_storage(storage_path)
         from training.study.runner import resume_study
 
         _print_study(resume_study(resume_name, storage_path, address, click.echo))
@@ -288,6 +289,7 @@ def tune(space_name: str, num_samples: int, workers_per_trial: int, max_concurre
     if searched:
         raise InputError(f"{searched[0]} is searched by {space.path}; drop it from the flags or from the space")
     base = config_mod.resolve(config_file, preset, {**space.fixed, **flat})
+    _check_storage(storage_path)
     _check_dataset(base.data.dataset)
     uri, experiment = _tracking(tracking_uri, experiment)
     from training.study.runner import new_study

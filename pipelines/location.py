@@ -67,9 +67,9 @@ def short_reason(err: BaseException) -> str:
 
 
 def check_reachable(location: str, what: str) -> None:
-    """For a URI: its bucket exists and answers with these credentials. One ``LocationError`` line naming
+    """For an ``s3://`` URI: its bucket exists and answers with these credentials. One ``LocationError`` line naming
     ``what`` (a flag or argument) and the URI otherwise. Local paths are left to their own checks."""
-    if not is_uri(location):
+    if not location.startswith("s3://"):  # other schemes (file://, gs://, ...) are left to their filesystems
         return
     import pyarrow.fs
 

@@ -13,6 +13,7 @@ manifest is never mistaken for a data set.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -101,6 +102,8 @@ def _check_remote_output(out: str, fingerprint: dict) -> bool:
             return False
         with fs.open_input_stream(join(root, MANIFEST)) as handle:
             previous = json.loads(handle.read())
+    except PrepareError:
+        raise
     except (OSError, ValueError) as err:
         raise PrepareError(f"OUT '{out}' cannot be read ({short_reason(err)})") from None
     return _same_data_set(previous, fingerprint, out)
@@ -117,6 +120,8 @@ def _upload(folder: Path, out: str, progress: Progress) -> None:
                 with open(path, "rb") as source, fs.open_output_stream(target) as sink:
                     shutil.copyfileobj(source, sink, 8 * 2**20)
             except OSError as err:
+                with contextlib.suppress(OSError):  # no half data set left to block the next attempt
+                    fs.delete_dir_contents(root, missing_dir_ok=True)
                 raise PrepareError(f"OUT '{out}': uploading {path.name} failed ({short_reason(err)}); run prepare "
                                    "again") from None
             bar.update(path.stat().st_size // 2**20)

@@ -44,15 +44,21 @@ class S3Server:
     BUCKET = "mlo-mae"
 
     def __init__(self, folder: Path) -> None:
-        import boto3
-
         port = free_port()
         self.log = folder / "moto.log"
         # the first 3 requests (creating the user, its policy and key) need no signature; then every one does
         self.proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
                                       "-p", str(port)], stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
                                      env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
-        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            self._set_up(f"http://127.0.0.1:{port}", port)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _set_up(self, endpoint: str, port: int) -> None:
+        import boto3
+
         deadline = time.monotonic() + 60
         while True:
             try:
