@@ -107,11 +107,11 @@ def read_bytes(location: str) -> bytes | None:
 
 
 def missing(locations: list[str]) -> list[str]:
-    """Those of ``locations`` (all local, or all under one URI's filesystem) that are not files."""
+    """Those of ``locations`` (all local, or all URIs of one bucket) that are not files."""
     if not locations or not is_uri(locations[0]):
         return [p for p in locations if not os.path.isfile(p)]
     import pyarrow.fs
 
-    fs, _ = filesystem(locations[0])
-    infos = fs.get_file_info([filesystem(p)[1] for p in locations])
+    fs, _ = filesystem(locations[0])  # one filesystem: from_uri may ask the store for the bucket's region
+    infos = fs.get_file_info([p.split("://", 1)[1] for p in locations])
     return [p for p, info in zip(locations, infos, strict=True) if info.type != pyarrow.fs.FileType.File]

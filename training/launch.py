@@ -21,7 +21,7 @@ from typing import Any
 
 from mlo_mae import config as config_mod
 from mlo_mae.errors import Interrupted, RunFailed
-from pipelines.location import storage_env
+from pipelines.location import is_uri, storage_env
 from pipelines.manifest import PreparedDataset
 
 from .signals import last_signal, sigterm_as_sigint
@@ -260,6 +260,6 @@ def run_pretrain(cfg: config_mod.Config, data: PreparedDataset, launch: Launch,
     result = outcome["result"]
     if result.checkpoint is not None:  # a URI again when the storage is one (Ray gives the path inside it)
         storage = storage_uri(launch.storage_path)
-        scheme = f"{storage.split('://', 1)[0]}://" if "://" in storage else ""
+        scheme = f"{storage.split('://', 1)[0]}://" if is_uri(storage) else ""
         metrics["checkpoint"] = scheme + result.checkpoint.path
     return metrics

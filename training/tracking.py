@@ -234,10 +234,13 @@ def dataset_input(name: str, root: str | os.PathLike, manifest: Mapping[str, Any
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     profile = {f"{split}_images": manifest["counts"][split]["total"] for split in ("train", "val", "test")}
+    from pipelines.location import is_uri
+
     root = str(root)
-    source_type = root.split("://", 1)[0] if "://" in root else "local"  # MLflow's names: local, s3, gs, ...
+    remote = is_uri(root)
+    source_type = root.split("://", 1)[0] if remote else "local"  # MLflow's names: local, s3, gs, ...
     dataset = Dataset(name=name, digest=dataset_digest(manifest), source_type=source_type,
-                      source=json.dumps({"uri": root if "://" in root else str(Path(root).resolve())}),
+                      source=json.dumps({"uri": root if remote else str(Path(root).resolve())}),
                       profile=json.dumps({**profile, "classes": len(manifest["classes"])}))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
 
