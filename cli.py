@@ -365,6 +365,8 @@ def prepare(source: str, out: str, test_source: Path | None, seed: int, cifar_la
                            progress=progress_bar, log=click.echo)
     counts, skipped = manifest["counts"], manifest["skipped"]
     reasons = ", ".join(f"{n} {reason}" for reason, n in skipped["by_reason"].items())
+    if reasons:
+        reasons += f"; all listed in {out.rstrip('/')}/{skipped['all_in']}"
     click.echo(f"{out}: {len(manifest['classes'])} classes | train {counts['train']['total']}, "
                f"val {counts['val']['total']}, test {counts['test']['total']} | "
                f"{len(manifest['shards'])} shards | skipped {skipped['total']}"

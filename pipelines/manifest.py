@@ -2,8 +2,9 @@
 
 The manifest is the contract between ``mlo-mae prepare`` and training: class
 names, counts, the split rule and seed, shard files with row counts and
-checksums, every skipped input with its reason, and the D_tr pixel statistics
-used for normalisation.
+checksums, the skipped inputs counted by reason (the first few named; all of
+them in ``skipped.jsonl`` beside it) and the D_tr pixel statistics used for
+normalisation.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class PreparedDataset:
     @property
     def hflip_preserves_label(self) -> bool:
         return bool(self.manifest["source"].get("hflip_preserves_label", True))
+
+    def skipped(self) -> list[dict[str, str]]:
+        """Every input that was not stored, with its reason (the manifest itself lists only the first few)."""
+        text = read_bytes(join(self.root, self.manifest["skipped"]["all_in"]))
+        return [json.loads(line) for line in text.decode("utf-8").splitlines()] if text else []
 
     def verify(self) -> None:
         """Every shard present with its recorded checksum (reads every byte: slow on big sets)."""

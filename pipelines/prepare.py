@@ -7,14 +7,18 @@ gather statistics; the split is then decided. Pass 2 writes each split's shards
 shards already mixes classes. Everything is written to a hidden sibling folder
 that is renamed into place only when complete. An OUT in object storage
 (``s3://bucket/prefix``) is prepared in a local temporary folder the same way,
-then uploaded shard by shard with ``manifest.json`` last: a prefix without a
-manifest is never mistaken for a data set.
+each shard uploaded as soon as it is written and then deleted (local disk holds
+only the shards in flight), ``manifest.json`` last: a prefix without a
+manifest is never mistaken for a data set. No pixels are held beyond one
+row group per job; what grows with the data set is pass 1's metadata, about
+1.1 KB a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -23,7 +27,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,8 @@ from .splits import SPLITS, TEST_FRACTION, VAL_FRACTION, assign_splits, rank_key
 
 DEFAULT_SHARD_MB = 128
 ROW_GROUP_ROWS = 128  # a chunk of the streaming plan (pipelines.plan)
+SKIPPED = "skipped.jsonl"  # every skipped input, one JSON object per line
+SKIPPED_SHOWN = 20  # skipped inputs listed in the manifest itself: it stays small with thousands skipped
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),  # encoded bytes: the original file, or lossless PNG when converted
@@ -60,7 +66,7 @@ class PrepareError(InputError):
 Progress = Callable[[str, int], Any]  # (phase, total) -> context manager with .update(n)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Row:
     item: Item
     ins: Inspection
@@ -109,22 +115,25 @@ def _check_remote_output(out: str, fingerprint: dict) -> bool:
     return _same_data_set(previous, fingerprint, out)
 
 
-def _upload(folder: Path, out: str, progress: Progress) -> None:
-    """Every file of ``folder`` to the prefix ``out``, ``manifest.json`` last."""
-    fs, root = filesystem(out)
-    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == MANIFEST, str(p)))
-    with progress("uploading", sum(p.stat().st_size for p in files) // 2**20 or 1) as bar:
-        for path in files:
-            target = join(root, path.relative_to(folder).as_posix())
-            try:
-                with open(path, "rb") as source, fs.open_output_stream(target) as sink:
-                    shutil.copyfileobj(source, sink, 8 * 2**20)
-            except OSError as err:
-                with contextlib.suppress(OSError):  # no half data set left to block the next attempt
-                    fs.delete_dir_contents(root, missing_dir_ok=True)
-                raise PrepareError(f"OUT '{out}': uploading {path.name} failed ({short_reason(err)}); run prepare "
-                                   "again") from None
-            bar.update(path.stat().st_size // 2**20)
+class _Uploader:
+    """Files of the staging folder to the prefix ``out`` as they are finished, each deleted locally once
+    stored: local disk holds only the shards in flight. Any failure removes what was uploaded."""
+
+    def __init__(self, out: str, staging: Path) -> None:
+        self.out, self.staging = out, staging
+        self.fs, self.root = filesystem(out)
+
+    def __call__(self, path: Path) -> None:
+        target = join(self.root, path.relative_to(self.staging).as_posix())
+        try:
+            with open(path, "rb") as source, self.fs.open_output_stream(target) as sink:
+                shutil.copyfileobj(source, sink, 8 * 2**20)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # no half data set left to block the next attempt
+                self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+            raise PrepareError(f"OUT '{self.out}': uploading {path.name} failed ({short_reason(err)}); run prepare "
+                               "again") from None
+        path.unlink()
 
 
 def _check_output(out: Path, fingerprint: dict) -> bool:
@@ -163,26 +172,40 @@ def _inspect_all(source, items: list[Item], jobs: int, progress: Progress) -> li
         return out
 
 
+def _stored_bytes(file: str, digest: str, converted: bool) -> bytes:
+    """What pass 2 stores for a file inspected in pass 1: its bytes, checked against the pass-1 digest, or
+    (when pass 1 converted it) the conversion. Only converted files are decoded again."""
+    try:
+        data = Path(file).read_bytes()
+    except OSError:
+        data = None
+    if data is None or hashlib.sha256(data).hexdigest() != digest:
+        raise PrepareError(f"'{file}' changed while it was being prepared; run prepare again")
+    if not converted:
+        return data
+    payload = inspect_bytes(data).payload
+    if payload is None:  # cannot happen for the same bytes; never store the unconverted original
+        raise PrepareError(f"'{file}' changed while it was being prepared; run prepare again")
+    return payload
+
+
 def _write_shard(path: str, refs: Sequence[str], files: Sequence[str | None], payloads: Sequence[bytes | None],
-                 labels: Sequence[int], ids: Sequence[int], digests: Sequence[str],
-                 sizes: Sequence[tuple[int, int]]) -> int:
-    """One shard. Rows given as a file (re-read and checked against pass 1) or as ready bytes."""
-    images = []
-    for ref, file, payload, digest in zip(refs, files, payloads, digests):
-        if payload is None:
-            data = Path(file).read_bytes()
-            ins = inspect_bytes(data)
-            if ins.digest != digest or ins.status == "skipped":
-                raise PrepareError(f"'{file}' changed while it was being prepared; run prepare again")
-            payload = ins.payload if ins.payload is not None else data
-        images.append(payload)
-    table = pa.table({
-        "image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64()),
-        "id": pa.array(ids, pa.int64()), "ref": pa.array(refs, pa.string()),
-        "width": pa.array([w for w, _ in sizes], pa.int32()), "height": pa.array([h for _, h in sizes], pa.int32()),
-    }, schema=SCHEMA)
-    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, compression="none")
-    return len(images)
+                 labels: Sequence[int], ids: Sequence[int], digests: Sequence[str], converted: Sequence[bool],
+                 sizes: Sequence[tuple[int, int]]) -> dict:
+    """One shard, written a row group at a time (memory: one row group of images). Rows are given as a file
+    (re-read and checked against pass 1) or as ready bytes. Returns its rows, bytes and checksum."""
+    with pq.ParquetWriter(path, SCHEMA, compression="none") as writer:
+        for lo in range(0, len(refs), ROW_GROUP_ROWS):
+            rows = range(lo, min(lo + ROW_GROUP_ROWS, len(refs)))
+            images = [payloads[i] if payloads[i] is not None else _stored_bytes(files[i], digests[i], converted[i])
+                      for i in rows]
+            writer.write_table(pa.table({
+                "image": pa.array(images, pa.binary()), "label": pa.array([labels[i] for i in rows], pa.int64()),
+                "id": pa.array([ids[i] for i in rows], pa.int64()), "ref": pa.array([refs[i] for i in rows]),
+                "width": pa.array([sizes[i][0] for i in rows], pa.int32()),
+                "height": pa.array([sizes[i][1] for i in rows], pa.int32()),
+            }, schema=SCHEMA), row_group_size=ROW_GROUP_ROWS)
+    return {"rows": len(refs), "bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
 def _plan_shards(rows: list[_Row], shard_bytes: int, shard_rows: int | None) -> list[list[_Row]]:
@@ -256,13 +279,18 @@ def prepare(source_arg: str, out: Path, *, test_source: Path | None = None, seed
     staging = Path(tempfile.mkdtemp(prefix="mlo-mae-prepare-")) if remote else out.parent
     tmp = staging / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    finished = _Uploader(remote, tmp) if remote else None  # a local folder keeps its files
     try:
-        shard_table = _write_splits(source, rows, tmp, seed, int(shard_mb * 2**20), shard_rows, jobs, progress)
+        shard_table = _write_splits(source, rows, tmp, seed, int(shard_mb * 2**20), shard_rows, jobs, progress,
+                                    finished)
         manifest = _manifest(source, desc, fingerprint, rows, skipped, shard_table, tmp, seed,
                              shard_mb, shard_rows, time.perf_counter() - start)
+        with (tmp / SKIPPED).open("w", encoding="utf-8") as side:  # every skipped input; the manifest has a few
+            side.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in skipped)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if remote:
-            _upload(tmp, remote, progress)
+        if finished:
+            finished(tmp / SKIPPED)
+            finished(tmp / MANIFEST)  # last: a prefix without a manifest is never a data set
         else:
             if out.exists():
                 out.rmdir()  # known empty (checked above)
@@ -282,11 +310,14 @@ def _shard_args(source, shard: list[_Row], path: Path, first_id: int) -> tuple:
             [str(source.file_of(r.item)) if source.on_disk else None for r in shard],
             [None if source.on_disk else source.read(r.item).payload for r in shard],
             [r.item.label for r in shard], list(range(first_id, first_id + len(shard))),
-            [r.ins.digest for r in shard], [(r.ins.width, r.ins.height) for r in shard])
+            [r.ins.digest for r in shard], [r.ins.status == "converted" for r in shard],
+            [(r.ins.width, r.ins.height) for r in shard])
 
 
 def _write_splits(source, rows: list[_Row], tmp: Path, seed: int, shard_bytes: int, shard_rows: int | None,
-                  jobs: int, progress: Progress) -> list[dict]:
+                  jobs: int, progress: Progress, finished: Callable[[Path], None] | None) -> list[dict]:
+    """Every split's shards, in parallel for file trees; ``finished`` (if given) takes each written shard.
+    At most two shards per job are written and not yet taken, whatever the data set's size."""
     plan = []  # (split, file, rows, first id)
     for split in SPLITS:
         members = sorted((r for r in rows if r.split == split), key=lambda r: rank_key(seed + 1, r.ins.digest))
@@ -295,18 +326,30 @@ def _write_splits(source, rows: list[_Row], tmp: Path, seed: int, shard_bytes: i
         for k, shard in enumerate(_plan_shards(members, shard_bytes, shard_rows)):
             plan.append((split, f"{split}/part-{k:05d}.parquet", shard, first_id))
             first_id += len(shard)
-    with progress("writing shards", len(rows)) as bar:
+    written: dict[str, dict] = {}
+
+    def take(file: str, result: dict) -> None:
+        written[file] = result
+        if finished:
+            finished(tmp / file)
+        bar.update(result["rows"])
+
+    with progress("writing shards" if finished is None else "writing and uploading shards", len(rows)) as bar:
         if jobs > 1 and len(plan) > 1 and source.on_disk:
             with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(_write_shard, *_shard_args(source, shard, tmp / file, first))
-                           for _, file, shard, first in plan]
-                for fut in futures:
-                    bar.update(fut.result())
+                pending: dict = {}
+                for _, file, shard, first in plan:
+                    if len(pending) >= 2 * jobs:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            take(pending.pop(fut), fut.result())
+                    pending[pool.submit(_write_shard, *_shard_args(source, shard, tmp / file, first))] = file
+                for fut in as_completed(list(pending)):
+                    take(pending.pop(fut), fut.result())
         else:  # one shard's bytes in memory at a time
             for _, file, shard, first in plan:
-                bar.update(_write_shard(*_shard_args(source, shard, tmp / file, first)))
-    return [{"split": split, "file": file, "rows": len(shard), "bytes": (tmp / file).stat().st_size,
-             "sha256": sha256_file(tmp / file)} for split, file, shard, _ in plan]
+                take(file, _write_shard(*_shard_args(source, shard, tmp / file, first)))
+    return [{"split": split, "file": file, **written[file]} for split, file, _, _ in plan]
 
 
 def _manifest(source, desc: dict, fingerprint: dict, rows: list[_Row], skipped: list[dict], shards: list[dict],
@@ -341,7 +384,8 @@ def _manifest(source, desc: dict, fingerprint: dict, rows: list[_Row], skipped: 
             "train_channel_mean": [round(float(x), 6) for x in mean],
             "train_channel_std": [round(float(x), 6) for x in std],
         },
-        "skipped": {"total": len(skipped), "by_reason": dict(by_reason.most_common()), "items": skipped},
+        "skipped": {"total": len(skipped), "by_reason": dict(by_reason.most_common()),
+                    "first": skipped[:SKIPPED_SHOWN], "all_in": SKIPPED},
         "shard_options": {"shard_mb": shard_mb, "shard_rows": shard_rows},
         "shards": shards,
         "columns": SCHEMA.names,

@@ -31,7 +31,7 @@ class SourceError(InputError):
     """A source that cannot be read at all; the message is one line for the user."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     ref: str  # readable identity: a relative path (non-UTF-8 bytes escaped) or "train/123"
     label: int

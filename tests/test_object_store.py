@@ -31,7 +31,7 @@ def test_prepare_writes_shards_then_the_manifest_to_a_bucket_and_reads_back_as_a
     remote = load_prepared(out)
     assert remote.root == out and remote.manifest["name"] == "digits"
     assert sorted(keys) == sorted([f"prepared/digits/{s['file']}" for s in remote.manifest["shards"]]
-                                  + ["prepared/digits/manifest.json"])
+                                  + ["prepared/digits/manifest.json", "prepared/digits/skipped.jsonl"])
     local = digits.manifest  # the session's local copy, prepared the same way
     assert [s["sha256"] for s in remote.manifest["shards"]] == [s["sha256"] for s in local["shards"]]
     remote.verify()  # every object's bytes against the manifest

@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_factory import make_cifar, make_image_folder
 from pipelines.manifest import load_prepared
-from pipelines.prepare import PrepareError, prepare
+from pipelines.prepare import SKIPPED_SHOWN, PrepareError, prepare
 from test_cli import assert_one_line_error
 
 
@@ -65,7 +65,8 @@ def test_every_input_is_counted_and_bad_ones_are_reported_with_reasons(prepared)
     by_reason = manifest["skipped"]["by_reason"]
     for reason, paths in planted["planted"].items():
         assert by_reason.get(reason) == len(paths), (reason, by_reason)
-    skipped_refs = {s["ref"]: s["reason"] for s in manifest["skipped"]["items"]}
+    skipped_refs = {s["ref"]: s["reason"] for s in load_prepared(out).skipped()}
+    assert len(skipped_refs) == planted["skipped"]
     assert skipped_refs["ant/truncated.jpg"].startswith("corrupt or truncated")
     assert skipped_refs["bee/copy_of_ant_000.jpg"] == "duplicate (same bytes as ant/000.jpg)"
     assert sum(s["rows"] for s in manifest["shards"]) == stored
@@ -94,6 +95,20 @@ def test_modes_are_converted_to_rgb_and_sizes_kept(prepared):
     assert "bee/caf\\xe9.png" in by_ref  # a non-UTF-8 file name, escaped, not lost
     original = (Path(prepared[2]["planted"]["duplicate"][0]).parent.parent / "ant" / "000.jpg").read_bytes()
     assert by_ref.get("ant/000.jpg", original) == original  # already-RGB files keep their bytes
+
+
+def test_normalisation_statistics_are_the_mean_over_train_images_of_their_channel_moments(prepared):
+    out, manifest, _ = prepared
+    means, squares = [], []
+    for blob in rows_of(out, "train")["image"]:  # the stored RGB bytes, computed the plain float64 way
+        with Image.open(io.BytesIO(blob)) as img:
+            x = np.asarray(img, dtype=np.float64).reshape(-1, 3) / 255.0
+        means.append(x.mean(0))
+        squares.append((x * x).mean(0))
+    mean, square = np.mean(means, axis=0), np.mean(squares, axis=0)
+    stats = manifest["image_stats"]
+    np.testing.assert_allclose(stats["train_channel_mean"], mean, atol=1e-6)
+    np.testing.assert_allclose(stats["train_channel_std"], np.sqrt(square - mean**2), atol=1e-6)
 
 
 def test_splits_are_disjoint_stratified_and_sized(prepared):
@@ -144,6 +159,38 @@ def test_fail_mode_names_the_file_and_leaves_nothing_behind(tree, tmp_path, cli_
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_many_skipped_inputs_leave_the_manifest_small_and_are_all_listed_beside_it(tmp_path, cli_run):
+    src = tmp_path / "src"
+    make_image_folder(src, per_class=10)
+    for k in range(300):  # e.g. annotation files next to the images
+        (src / "bee" / f"meta_{k:04d}.xml").write_text(f"<annotation>{k}</annotation>\n")
+    result = cli_run("prepare", str(src), str(tmp_path / "out"), "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"all listed in {tmp_path / 'out'}/skipped.jsonl" in result.stdout
+    data = load_prepared(tmp_path / "out")
+    listed = data.skipped()
+    assert data.manifest["skipped"]["total"] == len(listed) == 300 + 7  # the 7 bad inputs of make_image_folder
+    assert sum(s["ref"].startswith("bee/meta_") and s["reason"] == "not an image" for s in listed) == 300
+    assert data.manifest["skipped"]["first"] == listed[:SKIPPED_SHOWN]
+    text = (tmp_path / "out" / "manifest.json").read_text()
+    assert sum(s["ref"] in text for s in listed) == SKIPPED_SHOWN
+
+
+def test_a_file_changed_between_the_two_passes_is_refused_and_nothing_is_left(tmp_path):
+    src = tmp_path / "src"
+    make_image_folder(src, per_class=10)
+
+    class ChangeBeforeWriting(_Bar):
+        def __init__(self, phase: str, total: int) -> None:
+            super().__init__(phase, total)
+            if phase == "writing shards":  # after pass 1 inspected every file, before pass 2 re-reads them
+                (src / "cat" / "002.jpg").write_bytes((src / "cat" / "004.jpg").read_bytes())
+
+    with pytest.raises(PrepareError, match=r"cat/002.jpg' changed while it was being prepared; run prepare again"):
+        prepare(str(src), tmp_path / "out", progress=ChangeBeforeWriting, log=lambda _: None, jobs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["prepare", "no/such/dir", "out"], "SOURCE 'no/such/dir' does not exist"),
     (["prepare", "digits", "out", "--test-source", "x"], "--test-source applies to ImageFolder trees only"),
@@ -169,7 +216,7 @@ def test_official_test_tree_is_the_test_split_and_train_copies_are_dropped(tree,
     assert manifest["split_rule"]["test"] == "official"
     test_refs = rows_of(out, "test")["ref"]
     assert all(ref.startswith("test:") for ref in test_refs) and "test:ant/leak.jpg" in test_refs
-    reasons = {s["ref"]: s["reason"] for s in manifest["skipped"]["items"]}
+    reasons = {s["ref"]: s["reason"] for s in load_prepared(out).skipped()}
     assert reasons["ant/002.jpg"] == "duplicate (same bytes as test:ant/leak.jpg)"
     train_and_val = manifest["counts"]["train"]["total"] + manifest["counts"]["val"]["total"]
     assert manifest["counts"]["val"]["total"] == pytest.approx(0.2 * train_and_val, abs=3)
