@@ -26,6 +26,9 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "
                "AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_S3_ENDPOINT_URL")
 
 
+_S3_FILESYSTEMS: dict[tuple, pyarrow.fs.FileSystem] = {}
+
+
 class LocationError(InputError):
     """A location that cannot be used; the message is one line naming it."""
 
@@ -51,10 +54,22 @@ def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
     location = str(location)
     if not is_uri(location):
         return pyarrow.fs.LocalFileSystem(), location
+    scheme, _, rest = location.partition("://")
+    bucket = rest.split("/", 1)[0]
+    # One S3 filesystem per bucket and settings: from_uri builds a client and may ask the store for the
+    # bucket's region, which every chunk read would repeat. Keyed by the settings too, so a changed key or
+    # endpoint is never served by an old client.
+    key = (bucket, tuple(os.environ.get(name) for name in STORAGE_ENV)) if scheme == "s3" and "?" not in rest \
+        else None
+    if key in _S3_FILESYSTEMS:
+        return _S3_FILESYSTEMS[key], rest.rstrip("/")
     try:
-        return pyarrow.fs.FileSystem.from_uri(location)
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
     except (OSError, ValueError) as err:  # ArrowInvalid (a ValueError): an unknown scheme or a bad URI
         raise LocationError(f"'{location}': {short_reason(err)}") from None
+    if key is not None and path == rest.rstrip("/"):
+        _S3_FILESYSTEMS[key] = fs
+    return fs, path
 
 
 def short_reason(err: BaseException) -> str:

@@ -2,8 +2,9 @@
 
 Each training worker reads, for each level, the chunks its plan
 (``pipelines.plan``) deals it: one short Ray Data execution per group of
-shuffle windows (about ``EXECUTION_BYTES`` of decoded images), the next group
-executing while the worker consumes the current one. Ray Data runs the reads
+shuffle windows (the first window alone, then doubling up to
+``EXECUTION_BYTES`` of decoded images), the next group executing while the
+worker consumes the current one. Ray Data runs the reads
 and the decoding as tasks across the cluster and returns the blocks in plan
 order; nothing is held beyond three groups and the batches read ahead. The
 worker shuffles each window and cuts batches.
@@ -97,15 +98,18 @@ class LevelStream(Iterator):
         return ds.map_batches(read_chunks, fn_kwargs=self.spec.transform_kwargs(), batch_size=1)
 
     def _groups(self, windows: list[Window]) -> Iterator[list[Window]]:
-        """Windows grouped into executions of about ``EXECUTION_BYTES`` decoded; the first window alone,
-        so that the first batch waits for one window only."""
+        """Windows grouped into executions: the first window alone (the first batch waits for one window
+        only), then each group twice the last, up to ``EXECUTION_BYTES`` of decoded images."""
         row_bytes = 3 * self.spec.size**2
         group: list[Window] = []
-        for i, window in enumerate(windows):
+        budget = 0
+        for window in windows:
             group.append(window)
-            if i == 0 or sum(w.rows for w in group) * row_bytes >= EXECUTION_BYTES:
+            size = sum(w.rows for w in group) * row_bytes
+            if size >= budget:
                 yield group
                 group = []
+                budget = min(2 * max(budget, size), EXECUTION_BYTES)
         if group:
             yield group
 

@@ -88,3 +88,16 @@ def test_an_unusable_object_store_is_one_line_naming_the_uri_and_exit_2(command,
                 "no server": "cannot be reached"}[fault]
     assert expected in lines[0], lines[0]
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_one_filesystem_serves_a_bucket_until_its_settings_change(bucket, object_store, monkeypatch):
+    from pipelines.location import filesystem
+
+    object_store.s3.put_object(Bucket=object_store.BUCKET, Key="fs-cache/a/one.txt", Body=b"1")
+    fs, path = filesystem(f"{bucket}/fs-cache/a/one.txt")
+    again, folder = filesystem(f"{bucket}/fs-cache/a/")
+    assert again is fs  # not a new client (and region lookup) for every chunk read
+    assert (path, folder) == (f"{object_store.BUCKET}/fs-cache/a/one.txt", f"{object_store.BUCKET}/fs-cache/a")
+    assert fs.get_file_info(path).size == 1 and again.open_input_stream(path).read() == b"1"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "changed")
+    assert filesystem(f"{bucket}/fs-cache/a/one.txt")[0] is not fs  # new settings, new client
