@@ -365,7 +365,7 @@ def prepare(source: str, out: str, test_source: Path | None, seed: int, cifar_la
                            progress=progress_bar, log=click.echo)
     counts, skipped = manifest["counts"], manifest["skipped"]
     reasons = ", ".join(f"{n} {reason}" for reason, n in skipped["by_reason"].items())
-    if reasons:
+    if reasons and "all_in" in skipped:  # (older data sets list them in the manifest itself)
         reasons += f"; all listed in {out.rstrip('/')}/{skipped['all_in']}"
     click.echo(f"{out}: {len(manifest['classes'])} classes | train {counts['train']['total']}, "
                f"val {counts['val']['total']}, test {counts['test']['total']} | "

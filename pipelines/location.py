@@ -59,8 +59,8 @@ def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
     # One S3 filesystem per bucket and settings: from_uri builds a client and may ask the store for the
     # bucket's region, which every chunk read would repeat. Keyed by the settings too, so a changed key or
     # endpoint is never served by an old client.
-    key = (bucket, tuple(os.environ.get(name) for name in STORAGE_ENV)) if scheme == "s3" and "?" not in rest \
-        else None
+    key = (bucket, tuple(os.environ.get(name) for name in STORAGE_ENV)) \
+        if scheme == "s3" and not set("?%") & set(rest) else None  # pyarrow rewrites those: no cached answer
     if key in _S3_FILESYSTEMS:
         return _S3_FILESYSTEMS[key], rest.rstrip("/")
     try:

@@ -73,7 +73,10 @@ class PreparedDataset:
 
     def skipped(self) -> list[dict[str, str]]:
         """Every input that was not stored, with its reason (the manifest itself lists only the first few)."""
-        text = read_bytes(join(self.root, self.manifest["skipped"]["all_in"]))
+        skipped = self.manifest["skipped"]
+        if "all_in" not in skipped:  # prepared before the side file existed: all listed in the manifest
+            return list(skipped.get("items", []))
+        text = read_bytes(join(self.root, skipped["all_in"]))
         return [json.loads(line) for line in text.decode("utf-8").splitlines()] if text else []
 
     def verify(self) -> None:

@@ -129,11 +129,15 @@ class _Uploader:
             with open(path, "rb") as source, self.fs.open_output_stream(target) as sink:
                 shutil.copyfileobj(source, sink, 8 * 2**20)
         except OSError as err:
-            with contextlib.suppress(OSError):  # no half data set left to block the next attempt
-                self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+            self.discard()
             raise PrepareError(f"OUT '{self.out}': uploading {path.name} failed ({short_reason(err)}); run prepare "
                                "again") from None
         path.unlink()
+
+    def discard(self) -> None:
+        """Remove everything uploaded: no half data set left to block the next attempt."""
+        with contextlib.suppress(OSError):
+            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
 
 
 def _check_output(out: Path, fingerprint: dict) -> bool:
@@ -295,6 +299,10 @@ def prepare(source_arg: str, out: Path, *, test_source: Path | None = None, seed
             if out.exists():
                 out.rmdir()  # known empty (checked above)
             os.replace(tmp, out)
+    except BaseException:
+        if finished:  # shards already uploaded (a changed file, a full disk, Ctrl-C): none left behind
+            finished.discard()
+        raise
     finally:
         shutil.rmtree(tmp if not remote else staging, ignore_errors=True)
     return manifest
@@ -338,14 +346,18 @@ def _write_splits(source, rows: list[_Row], tmp: Path, seed: int, shard_bytes: i
         if jobs > 1 and len(plan) > 1 and source.on_disk:
             with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=multiprocessing.get_context("spawn")) as pool:
                 pending: dict = {}
-                for _, file, shard, first in plan:
-                    if len(pending) >= 2 * jobs:
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            take(pending.pop(fut), fut.result())
-                    pending[pool.submit(_write_shard, *_shard_args(source, shard, tmp / file, first))] = file
-                for fut in as_completed(list(pending)):
-                    take(pending.pop(fut), fut.result())
+                try:
+                    for _, file, shard, first in plan:
+                        if len(pending) >= 2 * jobs:
+                            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                            for fut in done:
+                                take(pending.pop(fut), fut.result())
+                        pending[pool.submit(_write_shard, *_shard_args(source, shard, tmp / file, first))] = file
+                    for fut in as_completed(list(pending)):
+                        take(pending.pop(fut), fut.result())
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # report now, not after the queued shards
+                    raise
         else:  # one shard's bytes in memory at a time
             for _, file, shard, first in plan:
                 take(file, _write_shard(*_shard_args(source, shard, tmp / file, first)))

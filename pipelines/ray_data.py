@@ -137,7 +137,13 @@ class LevelStream(Iterator):
             self._offer(ready, None)
 
         threading.Thread(target=read, name="level-stream-read", daemon=True).start()
-        while (result := ready.get()) is not None:
+        while not self._stop.is_set():
+            try:
+                result = ready.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if result is None:
+                return
             if isinstance(result, BaseException):
                 raise result
             yield from result
@@ -164,7 +170,12 @@ class LevelStream(Iterator):
             remaining = self.stop_batch - self.start_batch
             for window in windows:
                 while len(pending) < window.rows:
-                    pending.add(next(blocks))
+                    block = next(blocks, None)
+                    if block is None:  # closed, or the executions returned fewer rows than planned
+                        if self._stop.is_set():
+                            return
+                        raise RuntimeError(f"the {self.spec.split} stream ended {remaining} batches early")
+                    pending.add(block)
                 rows = pending.take(window.rows).permuted(self.plan.order(window))
                 ready.extend(rows.drop(skip))
                 skip = 0

@@ -8,6 +8,7 @@ The runs that read shards from the bucket and keep their checkpoints there are i
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -101,3 +102,37 @@ def test_one_filesystem_serves_a_bucket_until_its_settings_change(bucket, object
     assert fs.get_file_info(path).size == 1 and again.open_input_stream(path).read() == b"1"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "changed")
     assert filesystem(f"{bucket}/fs-cache/a/one.txt")[0] is not fs  # new settings, new client
+
+
+def test_a_prepare_that_fails_after_uploading_shards_leaves_the_prefix_empty(bucket, object_store, tmp_path):
+    from data_factory import make_image_folder
+
+    from pipelines.prepare import PrepareError, prepare
+
+    src = tmp_path / "src"
+    make_image_folder(src, per_class=20)
+    seen = []
+
+    class SpoilAfterFirstShard(contextlib.AbstractContextManager):
+        def __init__(self, phase: str, total: int) -> None:
+            self.phase = phase
+
+        def update(self, n: int) -> None:  # a shard is written and uploaded: now every JPEG changes
+            if self.phase.startswith("writing") and not seen:
+                seen.extend(object_store.keys("midway/"))
+                for f in src.rglob("*.jpg"):
+                    f.write_bytes(b"changed")
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+    with pytest.raises(PrepareError, match="changed while it was being prepared; run prepare again"):
+        prepare(str(src), f"{bucket}/midway", progress=SpoilAfterFirstShard, log=lambda _: None, jobs=1,
+                shard_rows=10)
+    assert seen and all(k.endswith(".parquet") for k in seen)  # it had uploaded shards...
+    assert [k for k in object_store.keys("midway/") if k != "midway/"] == []  # ...and removed them (a folder
+    # marker may stay) so that running prepare again works
+    seen.append("no more spoiling")
+    manifest = prepare(str(src), f"{bucket}/midway", progress=SpoilAfterFirstShard, log=lambda _: None, jobs=1,
+                       shard_rows=10)
+    assert manifest["skipped"]["by_reason"]["not an image"] >= 30  # the JPEGs spoiled above
