@@ -9,9 +9,9 @@ that is renamed into place only when complete. An OUT in object storage
 (``s3://bucket/prefix``) is prepared in a local temporary folder the same way,
 each shard uploaded as soon as it is written and then deleted (local disk holds
 only the shards in flight), ``manifest.json`` last: a prefix without a
-manifest is never mistaken for a data set. No pixels are held beyond one
-row group per job; what grows with the data set is pass 1's metadata, about
-0.9 KB a file.
+manifest is never mistaken for a data set. From an image tree, no pixels are
+held beyond one row group per job; what grows with the data set is pass 1's
+metadata, about 0.9 KB a file.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _check_remote_output(out: str, fingerprint: dict) -> bool:
 
 class _Uploader:
     """Files of the staging folder to the prefix ``out`` as they are finished, each deleted locally once
-    stored: local disk holds only the shards in flight. Any failure removes what was uploaded."""
+    stored: local disk holds only the shards in flight. ``prepare`` discards the upload on any failure."""
 
     def __init__(self, out: str, staging: Path) -> None:
         self.out, self.staging = out, staging
@@ -129,7 +129,6 @@ class _Uploader:
             with open(path, "rb") as source, self.fs.open_output_stream(target) as sink:
                 shutil.copyfileobj(source, sink, 8 * 2**20)
         except OSError as err:
-            self.discard()
             raise PrepareError(f"OUT '{self.out}': uploading {path.name} failed ({short_reason(err)}); run prepare "
                                "again") from None
         path.unlink()
@@ -183,14 +182,11 @@ def _stored_bytes(file: str, digest: str, converted: bool) -> bytes:
         data = Path(file).read_bytes()
     except OSError:
         data = None
-    if data is None or hashlib.sha256(data).hexdigest() != digest:
-        raise PrepareError(f"'{file}' changed while it was being prepared; run prepare again")
-    if not converted:
-        return data
-    payload = inspect_bytes(data).payload
-    if payload is None:  # cannot happen for the same bytes; never store the unconverted original
-        raise PrepareError(f"'{file}' changed while it was being prepared; run prepare again")
-    return payload
+    if data is not None and hashlib.sha256(data).hexdigest() == digest:
+        payload = inspect_bytes(data).payload if converted else data
+        if payload is not None:  # (None: cannot happen for the same bytes; never store an unconverted original)
+            return payload
+    raise PrepareError(f"'{file}' changed while it was being prepared; run prepare again")
 
 
 def _write_shard(path: str, refs: Sequence[str], files: Sequence[str | None], payloads: Sequence[bytes | None],

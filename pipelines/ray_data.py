@@ -102,14 +102,15 @@ class LevelStream(Iterator):
         only), then each group twice the last, up to ``EXECUTION_BYTES`` of decoded images."""
         row_bytes = 3 * self.spec.size**2
         group: list[Window] = []
-        budget = 0
+        size = budget = 0
         for window in windows:
             group.append(window)
-            size = sum(w.rows for w in group) * row_bytes
+            size += window.rows * row_bytes
             if size >= budget:
                 yield group
                 group = []
                 budget = min(2 * max(budget, size), EXECUTION_BYTES)
+                size = 0
         if group:
             yield group
 
