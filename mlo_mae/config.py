@@ -52,10 +52,21 @@ class ModelConfig:
 class MLOConfig:
     """The three-level method: masking, hypergradient and per-level unroll counts."""
 
-    baseline: bool = False  # uniformly random masking and no Stage III: plain MAE
+    baseline: bool = False  # no T and no Stage III: plain MAE (masks by baseline_rule)
+    # baseline runs only: random (MAE) | object-first | background-first (the patches of highest / lowest
+    # pixel standard deviation, ties at random): reference arms at MAE's cost
+    baseline_rule: str = "random"
     mask_ratio: float = 0.75
+    # how T's scores choose the masked patches: topk (the paper) | gumbel (Gumbel-top-k: drawn in
+    # proportion to p) | mixed (HPM-style: T's highest for a share ramped from 0 to learned_fraction,
+    # the rest uniformly random and weighted 1 in Stage I)
+    selection: str = "topk"
+    learned_fraction: float = 0.5  # mixed: the share of the masked patches T chooses at the end of the run
     hypergradient: str = "fd"  # fd: one central finite difference; exact: double backward
     fd_alpha: float = 0.01  # eps = fd_alpha / ||w||
+    # Stage-I steps of E's response the hypergradient looks through: the last Stage-I batch in this many
+    # chunks, one virtual SGD step each (1: the paper's one step)
+    horizon: int = 1
     # Stage I's weights: sum: per image sum(p*err)/sum(p) over masked patches, T only moves weight between
     # patches; count: sum(p*err)/K (the authors'), T can shrink Stage I by lowering every p
     stage1_norm: str = "sum"
@@ -70,7 +81,7 @@ class OptimConfig:
 
     lr_mae: float = 1e-4
     lr_head: float = 1e-2  # C: a linear head on normalised features, chasing a moving encoder
-    lr_mask: float = 1e-3
+    lr_mask: float = 1e-3  # 0: T stays at its initialisation (no Stage III)
     weight_decay_mae: float = 0.05
     weight_decay_head: float = 0.0
     weight_decay_mask: float = 0.0
@@ -171,6 +182,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "mlo.hypergradient": ("fd", "exact"),
     "mlo.stage1_norm": ("count", "sum"),
+    "mlo.selection": ("topk", "mixed", "gumbel"),
+    "mlo.baseline_rule": ("random", "background-first", "object-first"),
     "model.mask_net": ("mlp", "patch"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.precision": ("fp32", "bf16"),
@@ -371,11 +384,24 @@ def validate(cfg: Config) -> None:
         "mlo.unroll_mask": cfg.mlo.unroll_mask, "data.batch_mae": d.batch_mae,
         "data.batch_head": d.batch_head, "data.batch_mask": d.batch_mask,
         "run.log_every": r.log_every, "optim.lr_mae": o.lr_mae, "optim.lr_head": o.lr_head,
-        "optim.lr_mask": o.lr_mask, "mlo.fd_alpha": cfg.mlo.fd_alpha, "run.epochs": r.epochs,
+        "mlo.fd_alpha": cfg.mlo.fd_alpha, "run.epochs": r.epochs, "mlo.horizon": cfg.mlo.horizon,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
+    if o.lr_mask < 0:
+        raise ConfigError(f"'optim.lr_mask' must be positive, or 0 to keep T at its initialisation, got {o.lr_mask}")
+    mlo = cfg.mlo
+    if mlo.baseline_rule != "random" and not mlo.baseline:
+        raise ConfigError(f"'mlo.baseline_rule' {mlo.baseline_rule} applies to baseline runs (--baseline) only")
+    if mlo.baseline and mlo.selection != "topk":
+        raise ConfigError(f"'mlo.selection' {mlo.selection} chooses among T's scores: baseline runs have none "
+                          f"(for masks without T, set 'mlo.baseline_rule')")
+    if not 0.0 <= mlo.learned_fraction <= 1.0:
+        raise ConfigError(f"'mlo.learned_fraction' must be in [0, 1], got {mlo.learned_fraction}")
+    if mlo.horizon > d.batch_mae:
+        raise ConfigError(f"'mlo.horizon' ({mlo.horizon}) splits a Stage-I batch into that many steps: it must be "
+                          f"at most 'data.batch_mae' ({d.batch_mae})")
     for key in ("batch_head", "batch_mask"):
         if getattr(d, key) < 2:
             raise ConfigError(f"'data.{key}' must be at least 2 (the head normalises over the batch)")
@@ -399,6 +425,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'optim.warmup_fraction' must be in [0, 1), got {o.warmup_fraction}")
     if not 0.0 <= o.final_lr_fraction <= 1.0:
         raise ConfigError(f"'optim.final_lr_fraction' must be in [0, 1], got {o.final_lr_fraction}")
+
+
+def trains_mask(cfg: Config) -> bool:
+    """Whether Stage III runs: an MLO run whose T learns (not a baseline, ``optim.lr_mask`` above 0)."""
+    return not cfg.mlo.baseline and cfg.optim.lr_mask > 0
+
+
+def describe_masking(cfg: Config) -> str:
+    """How the run chooses its masks, in a few words (the run's header line)."""
+    m = cfg.mlo
+    if m.baseline:
+        return f"baseline MAE ({'random masking' if m.baseline_rule == 'random' else m.baseline_rule + ' masks'})"
+    details = [f"{m.hypergradient} hypergradient" if trains_mask(cfg) else "T frozen at its initialisation"]
+    if m.selection != "topk":
+        details.append(f"{m.selection} selection" + (f" up to {m.learned_fraction:g} learned"
+                                                     if m.selection == "mixed" else ""))
+    if m.horizon > 1 and trains_mask(cfg):
+        details.append(f"horizon {m.horizon}")
+    return f"MLO-MAE ({', '.join(details)})"
 
 
 def lr_scale(rule: str, workers: int) -> float:

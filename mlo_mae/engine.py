@@ -12,8 +12,10 @@ Each level also has a key, its name in configs, checkpoints and metrics
 
 An iteration runs ``unroll_mae`` Stage-I steps, ``unroll_head`` Stage-II steps
 and ``unroll_mask`` Stage-III steps (see ``MLOConfig``). In baseline mode T is
-never used: masking is uniformly random and Stage III does not run (plain MAE,
-with C still trained for monitoring).
+never used: masks are uniformly random (or follow a pixel rule,
+``mlo.baseline_rule``) and Stage III does not run (plain MAE, with C still
+trained for monitoring). With ``optim.lr_mask: 0`` T masks but never learns:
+Stage III does not run either.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from typing import Any
 
 import torch
 
-from .config import Config, from_dict, lr_scale
+from .config import Config, from_dict, lr_scale, trains_mask
 from .distributed import Sync, no_sync
 from .factory import create_models
 from .head import cross_entropy
-from .hypergradient import exact_hypergradient, hyper_direction, mixed_product_fd
+from .hypergradient import exact_hypergradient, horizon_hypergradient, hyper_direction
 from .mask_metrics import mean_entropy, mean_masked_prob, saturated_fraction
-from .masking import random_mask, top_k_mask, weighted_reconstruction_loss
+from .masking import Mask, masks_for, weighted_reconstruction_loss
 from .optim import build_adamw, set_lr, warmup_cosine
 from .seeding import seeded, stream_seed
 
@@ -120,7 +122,7 @@ class MLOEngine:
         Its randomness (baseline masks, dropout, drop-path) is seeded from (seed, rank,
         iteration): a resumed or restarted run draws what the uninterrupted one drew.
         """
-        mlo = not self.cfg.mlo.baseline
+        mlo = trains_mask(self.cfg)
         with seeded(stream_seed("iteration", self.cfg.run.seed, self.rank, self.iteration), self.device):
             for module in (self.mae, self.head, self.masknet):
                 module.train()
@@ -168,30 +170,33 @@ class MLOEngine:
         return stats
 
     # ----- the three stages -----
+    def learned_fraction(self) -> float:
+        """``mixed``: the share of the masked patches T chooses now, ramped linearly from 0 at the first
+        iteration to ``mlo.learned_fraction`` at the last (HPM's schedule)."""
+        progress = min(self.iteration / max(self.total_steps - 1, 1), 1.0)
+        return self.cfg.mlo.learned_fraction * progress
+
+    def choose_mask(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                    ) -> tuple[torch.Tensor | None, Mask]:
+        """T's scores p (None without T) and the mask Stage I trains with now (``masking.masks_for``)."""
+        return masks_for(self.mae, self.masknet, images, self.cfg.mlo, self.learned_fraction(), generator)
+
     def mae_step(self, images: torch.Tensor) -> tuple[float, dict[str, float]]:
         """One Stage-I step on (E, D); returns L_I and what the mask looked like."""
-        baseline = self.cfg.mlo.baseline
-        ratio = self.cfg.mlo.mask_ratio
         with self._autocast():
-            with torch.no_grad():
-                if baseline:
-                    probs = None
-                    mask = random_mask(images.shape[0], self.mae.num_patches, ratio, self.device)
-                else:
-                    tokens = self.mae.embed_patches(images)
-                    if self.masknet.centre:
-                        batch_mean = tokens.float().mean(0)
-                        self.sync([batch_mean])  # one running mean on every rank
-                        self.masknet.track_input(batch_mean)
-                    probs = self.masknet(tokens)
-                    mask = top_k_mask(probs, ratio)
+            if self.masknet.centre and not self.cfg.mlo.baseline:
+                with torch.no_grad():
+                    batch_mean = self.mae.embed_patches(images).float().mean(0)
+                self.sync([batch_mean])  # one running mean on every rank
+                self.masknet.track_input(batch_mean)
+            probs, mask = self.choose_mask(images)
             masking = {"mask_ratio": float(mask.mask.float().mean())}
             if probs is not None:
                 masking.update(mask_entropy=mean_entropy(probs), mask_mean_prob=float(probs.detach().mean()),
                                mask_saturated=saturated_fraction(probs),
                                mask_mean_prob_masked=mean_masked_prob(probs, mask.mask))
             errors = self.mae(images, mask.ids_keep, mask.ids_restore)
-            loss = weighted_reconstruction_loss(errors, mask.mask, probs, self.cfg.mlo.stage1_norm)
+            loss = weighted_reconstruction_loss(errors, mask.mask, probs, self.cfg.mlo.stage1_norm, mask.learned)
         self.optimizers["mae"].zero_grad(set_to_none=True)
         loss.backward()
         return self._optimizer_step("mae", loss), masking
@@ -228,13 +233,15 @@ class MLOEngine:
         cfg = self.cfg.mlo
         seed = stream_seed("hypergradient", self.cfg.run.seed, self.iteration, self.level_steps["mask"])
         lr_mae, lr_head = self.last_lr("mae"), self.last_lr("head")
+        # eta_E of the virtual steps: divided out again for K = 1, it sets the horizon's reach for K > 1
+        virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]
         with seeded(seed, self.device):
+            mask = self.choose_mask(stage1_images)[1]  # drawn once: every pass and mode sees it
             if cfg.hypergradient == "exact":
-                virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]  # divided out again
                 self.path_ratio = None
                 grads, loss_val = exact_hypergradient(
                     self.mae, self.head, self.masknet, stage1_images, stage2_batch, stage3_batch,
-                    cfg.mask_ratio, virtual_lr, lr_head, cfg.stage1_norm)
+                    mask, virtual_lr, lr_head, cfg.stage1_norm, cfg.horizon)
                 with torch.no_grad(), self.head.frozen_statistics():
                     logits = self.head(self.mae.forward_features(stage3_batch[0]))
                 return grads, loss_val, logits
@@ -247,8 +254,8 @@ class MLOEngine:
                 with torch.no_grad(), self.head.frozen_statistics():
                     logits = self.head(f3.detach())
             self.path_ratio = direction.c_path_norm / direction.e_path_norm if direction.e_path_norm else None
-            grads = mixed_product_fd(self.mae, self.masknet, stage1_images, direction.w, cfg.mask_ratio,
-                                     cfg.fd_alpha, seed, cfg.stage1_norm)
+            grads = horizon_hypergradient(self.mae, self.masknet, stage1_images, direction.w, mask, virtual_lr,
+                                          cfg.horizon, cfg.fd_alpha, seed, cfg.stage1_norm)
         return grads, direction.loss_val, logits
 
     # ----- schedule -----

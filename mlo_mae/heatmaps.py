@@ -33,7 +33,8 @@ from PIL import Image
 from torch import nn
 
 from .mae import MaskedAutoencoderViT
-from .masking import Mask, _mask_from_order, num_masked, top_k_mask
+from .config import MLOConfig
+from .masking import Mask, masks_for, rule_scores
 from .modes import eval_mode
 
 DPI = 100
@@ -61,6 +62,7 @@ class MaskSnapshot:
     images: torch.Tensor  # (B, H, W, 3) uint8 for display (already de-normalised by the caller)
     baseline: bool
     sample_size: int | None = None  # images summarised when probs/masks hold a mean row (saved history)
+    label: str | None = None  # what chose the masks, where neither T nor random masks did (a baseline rule)
 
     def __post_init__(self) -> None:
         """Catch shape mix-ups here rather than as a confusing picture later."""
@@ -84,7 +86,7 @@ class MaskSnapshot:
     @property
     def mode(self) -> str:
         """Which method produced the masks, as the figure titles say it."""
-        return "baseline MAE" if self.baseline else "MLO-MAE"
+        return self.label or ("baseline MAE" if self.baseline else "MLO-MAE")
 
     def mean_map(self) -> np.ndarray:
         """(rows, cols) mean score p over the sample: which patches T ranks high on average."""
@@ -101,41 +103,36 @@ class MaskSnapshot:
         return {c: self.probs[self.labels == c].double().mean(0).reshape(self.grid).numpy() for c in ids}
 
 
-def seeded_random_mask(batch: int, num_patches: int, mask_ratio: float, seed: int) -> Mask:
-    """``random_mask`` (uniform, same count) from a local generator: the global RNG is not touched,
-    so drawing a baseline snapshot does not change the training run's random stream."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.argsort(torch.rand(batch, num_patches, generator=gen), dim=1)
-    return _mask_from_order(order, num_masked(num_patches, mask_ratio))
-
-
 @torch.no_grad()
 def snapshot(mae: MaskedAutoencoderViT, masknet: nn.Module | None, images: torch.Tensor, labels: torch.Tensor,
-             display: torch.Tensor, mask_ratio: float, baseline: bool, step: int, seed: int = 0) -> MaskSnapshot:
-    """Record what T does on a fixed batch at ``step``.
+             display: torch.Tensor, mask_ratio: float, baseline: bool, step: int, seed: int = 0,
+             mlo: MLOConfig | None = None, learned_fraction: float = 1.0) -> MaskSnapshot:
+    """Record what T (or a baseline's rule) does on a fixed batch at ``step``.
 
     images: normalised model input (B,C,H,W) on the model's device; display: (B,H,W,3) uint8.
-    MLO: probs = masknet(mae.embed_patches(images)), masks = top_k_mask(probs, ratio).mask.
-    Baseline (masknet may be None): every patch has score k/N (k = num_masked(N, ratio)) and
-    the masks are uniformly random, drawn from a generator seeded with ``seed`` (the global RNG is
-    untouched). Modules run in eval mode and get their previous train/eval modes back.
+    The masks are those training would use (``masking.masks_for`` with ``mlo``, by default the paper's
+    top-k of T's scores, or uniformly random masks in baseline mode); random parts come from a
+    generator seeded with ``seed`` (the global RNG is untouched). Without T the scores shown are the
+    rule's (``masking.rule_scores``: k/N everywhere for random masks). Modules run in eval mode and
+    get their previous train/eval modes back.
     """
+    mlo = mlo if mlo is not None else MLOConfig(baseline=baseline, mask_ratio=mask_ratio)
+    generator = torch.Generator().manual_seed(seed)
+    with eval_mode(mae, masknet):
+        probs, mask = masks_for(mae, masknet, images, mlo, learned_fraction, generator)
+    return record(mae, step, probs, mask, mlo, labels, display)
+
+
+def record(mae: MaskedAutoencoderViT, step: int, probs: torch.Tensor | None, mask: Mask, mlo: MLOConfig,
+           labels: torch.Tensor, display: torch.Tensor) -> MaskSnapshot:
+    """The snapshot of masks chosen by ``masking.masks_for`` under ``mlo``: T's scores p, or without T
+    the rule's (``masking.rule_scores``: k/N everywhere for random masks)."""
     grid = (int(mae.patch_embed.grid_size[0]), int(mae.patch_embed.grid_size[1]))
-    n = mae.num_patches
-    b = images.shape[0]
-    if baseline:
-        k = num_masked(n, mask_ratio)
-        probs = torch.full((b, n), k / n, dtype=torch.float32)
-        masks = seeded_random_mask(b, n, mask_ratio, seed).mask
-    else:
-        if masknet is None:
-            raise ValueError("an MLO snapshot needs the masking network")
-        with eval_mode(mae, masknet):
-            probs = masknet(mae.embed_patches(images))
-        masks = top_k_mask(probs, mask_ratio).mask
-    return MaskSnapshot(step=int(step), grid=grid, probs=probs.detach().float().cpu(),
-                        masks=masks.detach().float().cpu(), labels=labels.detach().to(torch.int64).cpu(),
-                        images=display.detach().cpu(), baseline=bool(baseline))
+    scores = probs if probs is not None else rule_scores(mask, mlo.baseline_rule)
+    label = f"{mlo.baseline_rule} masks" if mlo.baseline and mlo.baseline_rule != "random" else None
+    return MaskSnapshot(step=int(step), grid=grid, probs=scores.detach().float().cpu(),
+                        masks=mask.mask.detach().float().cpu(), labels=labels.detach().to(torch.int64).cpu(),
+                        images=display.detach().cpu(), baseline=bool(mlo.baseline), label=label)
 
 
 # ----------------------------------------------------------------------------- drawing helpers

@@ -39,6 +39,26 @@ Cost (``fd`` mode, the default):
 ``exact`` mode instead differentiates through a virtual SGD step from the
 current state with double backward; it is for small models and for tests.
 
+A longer horizon (``mlo.horizon`` = K > 1): the last Stage-I batch is cut into
+K chunks b_1..b_K and E takes one virtual SGD step on each,
+E_j = E_{j-1} - eta_E * dL_I(E_{j-1}; b_j)/dE (D and C held where they are), so
+T's weights act on E's response over K steps instead of one (the same images,
+K times the distance). Reverse accumulation from lambda_K = w:
+
+    g_T = - sum_j d2L_I(E_{j-1}; b_j)/(dT dE) . lambda_j,
+    lambda_{j-1} = lambda_j - eta_E * d2L_I(E_{j-1}; b_j)/dE2 . lambda_j
+
+``horizon_hypergradient`` (fd) takes the virtual iterates under ``no_grad``,
+each Hessian-vector product by a central difference of first-order gradients
+and each mixed product as above; ``exact_hypergradient`` differentiates
+through the K steps. In fd mode w is taken at the current E (the Stage-II pass
+that Stages II and III share), as for K = 1; the tests give both modes the
+same w to check the rest to second order in eps.
+
+The mask of the Stage-I batch (the hard choice, no gradient) is an input: the
+caller draws it once (``mlo.selection`` may be random), so that every pass and
+both modes see the same mask.
+
 For data parallelism, ``sync`` (see ``mlo_mae.distributed``) is applied to u
 before ``H u`` and to w before the perturbation, so every rank perturbs by the
 same global direction; g_T is synced by the caller.
@@ -58,7 +78,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .distributed import Sync, no_sync
 from .head import ClassificationHead, cross_entropy
 from .mae import MaskedAutoencoderViT
-from .masking import top_k_mask, weighted_reconstruction_loss
+from .masking import Mask, weighted_reconstruction_loss
 from .seeding import seeded
 
 
@@ -129,39 +149,123 @@ def _norm(tensors: Sequence[torch.Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
 
+def _chunks(images: torch.Tensor, mask: Mask, horizon: int) -> list[tuple[torch.Tensor, Mask]]:
+    """The Stage-I batch and its mask cut into ``horizon`` chunks along the batch (sizes differ by at most 1)."""
+    parts = [torch.tensor_split(t, horizon) if t is not None else [None] * horizon
+             for t in (images, mask.ids_keep, mask.ids_restore, mask.mask, mask.learned)]
+    if len(parts[0]) != horizon:
+        raise ValueError(f"a Stage-I batch of {len(images)} images cannot make {horizon} chunks")
+    return [(x, Mask(keep, restore, m, learned)) for x, keep, restore, m, learned in zip(*parts)]
+
+
+def _stage1_loss(mae: MaskedAutoencoderViT, encoder: dict[str, torch.Tensor], images: torch.Tensor, mask: Mask,
+                 probs: torch.Tensor, norm: str, errors: torch.Tensor | None = None) -> torch.Tensor:
+    """L_I of a chunk at the encoder weights ``encoder`` (D as it is), or of given per-patch ``errors``."""
+    if errors is None:
+        errors = functional_call(mae, encoder, (images, mask.ids_keep, mask.ids_restore))
+    return weighted_reconstruction_loss(errors, mask.mask, probs, norm, mask.learned)
+
+
+def _fd_mixed_product(mae: MaskedAutoencoderViT, encoder: dict[str, torch.Tensor], probs: torch.Tensor,
+                      images: torch.Tensor, mask: Mask, direction: Sequence[torch.Tensor], alpha: float, seed: int,
+                      norm: str) -> list[torch.Tensor] | None:
+    """The surrogate whose T-gradient is d2L_I/(dT dE) . direction at ``encoder`` (central difference);
+    None for a zero or non-finite direction."""
+    d_norm = torch.sqrt(sum((d.float() ** 2).sum() for d in direction))
+    if not torch.isfinite(d_norm) or d_norm == 0:
+        return None
+    eps = alpha / d_norm.item()
+    device = images.device
+    with torch.no_grad():
+        errors = []
+        for sign in (1.0, -1.0):
+            moved = {n: p + (sign * eps) * d.to(p.dtype) for (n, p), d in zip(encoder.items(), direction)}
+            with seeded(seed, device):
+                errors.append(functional_call(mae, moved, (images, mask.ids_keep, mask.ids_restore)))
+        delta = (errors[0] - errors[1]) / (2.0 * eps)
+    return _stage1_loss(mae, encoder, images, mask, probs, norm, errors=delta)
+
+
 def mixed_product_fd(
     mae: MaskedAutoencoderViT,
     masknet: nn.Module,
     stage1_images: torch.Tensor,
     w: Sequence[torch.Tensor],
-    mask_ratio: float,
+    mask: Mask,
     alpha: float = 0.01,
     seed: int = 0,
     norm: str = "count",
 ) -> list[torch.Tensor]:
-    """g_T = - d2L_I/(dT dE) . w by one central difference at E +- eps*w, on a Stage-I batch."""
+    """g_T = - d2L_I/(dT dE) . w by one central difference at E +- eps*w, on a Stage-I batch and its mask."""
+    return horizon_hypergradient(mae, masknet, stage1_images, w, mask, 0.0, 1, alpha, seed, norm)
+
+
+def horizon_hypergradient(
+    mae: MaskedAutoencoderViT,
+    masknet: nn.Module,
+    stage1_images: torch.Tensor,
+    w: Sequence[torch.Tensor],
+    mask: Mask,
+    lr_mae: float,
+    horizon: int = 1,
+    alpha: float = 0.01,
+    seed: int = 0,
+    norm: str = "count",
+) -> list[torch.Tensor]:
+    """g_T through ``horizon`` virtual SGD steps of E at ``lr_mae`` (eta_E) on chunks of the Stage-I batch,
+    by reverse accumulation (module docstring); w is dL_val/dE at the end of the steps. horizon 1 is one
+    central difference (``mixed_product_fd``)."""
     device = stage1_images.device
-    names, params = zip(*mae.encoder_named_parameters())
-    w_norm = torch.sqrt(sum((wi.float() ** 2).sum() for wi in w))
-    t_params = [p for p in masknet.parameters()]
-    if not torch.isfinite(w_norm) or w_norm == 0:
-        return [torch.zeros_like(p) for p in t_params]
-    eps = alpha / w_norm.item()
+    encoder = dict(mae.encoder_named_parameters())
+    t_params = list(masknet.parameters())
     with _fp32_exactly(device):
         with torch.no_grad():
             tokens = mae.embed_patches(stage1_images)  # T's input at the unperturbed E
         probs = masknet(tokens)  # the only graph built here: T's
-        mask = top_k_mask(probs, mask_ratio)
-        with torch.no_grad():
-            errors = []
-            for sign in (1.0, -1.0):
-                moved = {n: p + (sign * eps) * wi.to(p.dtype) for n, p, wi in zip(names, params, w)}
-                with seeded(seed, device):
-                    errors.append(functional_call(mae, moved, (stage1_images, mask.ids_keep, mask.ids_restore)))
-            delta = (errors[0] - errors[1]) / (2.0 * eps)
-    surrogate = weighted_reconstruction_loss(delta, mask.mask, probs, norm)
-    grads = torch.autograd.grad(surrogate, t_params)
-    return [-g for g in grads]
+        chunks = [(x, m, p) for (x, m), p in zip(_chunks(stage1_images, mask, horizon), torch.tensor_split(probs, horizon))]
+        # The virtual iterates E_0 .. E_{K-1}, without a graph.
+        iterates = [{n: p.detach() for n, p in encoder.items()}]
+        for j, (x, m, p) in enumerate(chunks[:-1]):
+            grads = _encoder_gradient(mae, iterates[-1], x, m, p.detach(), norm, seed + j)
+            iterates.append({n: e - lr_mae * g for (n, e), g in zip(iterates[-1].items(), grads)})
+        lam = [wi.detach() for wi in w]
+        surrogate = None
+        for j in reversed(range(horizon)):
+            x, m, p = chunks[j]
+            term = _fd_mixed_product(mae, iterates[j], p, x, m, lam, alpha, seed + j, norm)
+            if term is not None:
+                surrogate = term if surrogate is None else surrogate + term
+            if j > 0:
+                hvp = _fd_hessian_product(mae, iterates[j], x, m, p.detach(), lam, alpha, seed + j, norm)
+                lam = [li - lr_mae * h for li, h in zip(lam, hvp)]
+    if surrogate is None:
+        return [torch.zeros_like(p) for p in t_params]
+    grads = torch.autograd.grad(surrogate, t_params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else -g for g, p in zip(grads, t_params)]
+
+
+def _encoder_gradient(mae: MaskedAutoencoderViT, encoder: dict[str, torch.Tensor], images: torch.Tensor, mask: Mask,
+                      probs: torch.Tensor, norm: str, seed: int) -> list[torch.Tensor]:
+    """dL_I/dE of a chunk at ``encoder`` (first order: fused attention kernels are fine)."""
+    leaves = {n: e.detach().requires_grad_(True) for n, e in encoder.items()}
+    with torch.enable_grad(), seeded(seed, images.device):
+        loss = _stage1_loss(mae, leaves, images, mask, probs, norm)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return [torch.zeros_like(e) if g is None else g for g, e in zip(grads, leaves.values())]
+
+
+def _fd_hessian_product(mae: MaskedAutoencoderViT, encoder: dict[str, torch.Tensor], images: torch.Tensor,
+                        mask: Mask, probs: torch.Tensor, direction: Sequence[torch.Tensor], alpha: float, seed: int,
+                        norm: str) -> list[torch.Tensor]:
+    """d2L_I/dE2 . direction at ``encoder`` by a central difference of gradients at E +- eps*direction."""
+    d_norm = torch.sqrt(sum((d.float() ** 2).sum() for d in direction))
+    if not torch.isfinite(d_norm) or d_norm == 0:
+        return [torch.zeros_like(d) for d in direction]
+    eps = alpha / d_norm.item()
+    grads = [_encoder_gradient(mae, {n: e + (sign * eps) * d.to(e.dtype) for (n, e), d in
+                                     zip(encoder.items(), direction)}, images, mask, probs, norm, seed)
+             for sign in (1.0, -1.0)]
+    return [(a - b) / (2.0 * eps) for a, b in zip(*grads)]
 
 
 def exact_hypergradient(
@@ -171,29 +275,28 @@ def exact_hypergradient(
     stage1_images: torch.Tensor,
     stage2_batch: tuple[torch.Tensor, torch.Tensor],
     stage3_batch: tuple[torch.Tensor, torch.Tensor],
-    mask_ratio: float,
+    mask: Mask,
     lr_mae: float,
     lr_head: float,
     norm: str = "count",
+    horizon: int = 1,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """g_T = (d L_val(E', C'(E')) / dT) / eta_E through one virtual SGD step of E and C.
-
-    Double backward; uses the math attention kernel, the only one with a second
-    derivative. ``lr_mae`` (eta_E) must be positive here (it is the virtual step).
+    """g_T = (d L_val(E_K, C'(E_K)) / dT) / eta_E through ``horizon`` virtual SGD steps of E, one per chunk of
+    the Stage-I batch, and one of C. Double backward; uses the math attention kernel, the only one with a
+    second derivative. ``lr_mae`` (eta_E) must be positive here (it is the virtual step).
     """
     e_params = dict(mae.encoder_named_parameters())
-    d_params = {n: p for n, p in mae.named_parameters() if n not in e_params}
     c_params = dict(head.named_parameters())
     t_params = list(masknet.parameters())
     with sdpa_kernel(SDPBackend.MATH), head.frozen_statistics():
         tokens = mae.embed_patches(stage1_images).detach()
         probs = masknet(tokens)
-        mask = top_k_mask(probs, mask_ratio)
-        errors = mae(stage1_images, mask.ids_keep, mask.ids_restore)
-        loss_i = weighted_reconstruction_loss(errors, mask.mask, probs, norm)
-        grads_e = torch.autograd.grad(loss_i, list(e_params.values()), create_graph=True, allow_unused=True)
-        e_next = {n: p if g is None else p - lr_mae * g for (n, p), g in zip(e_params.items(), grads_e)}
-        e_next.update(d_params)
+        e_next = dict(e_params)
+        for x, m, p in [(x, m, p) for (x, m), p in zip(_chunks(stage1_images, mask, horizon),
+                                                          torch.tensor_split(probs, horizon))]:
+            loss_i = _stage1_loss(mae, e_next, x, m, p, norm)
+            grads_e = torch.autograd.grad(loss_i, list(e_next.values()), create_graph=True, allow_unused=True)
+            e_next = {n: e if g is None else e - lr_mae * g for (n, e), g in zip(e_next.items(), grads_e)}
 
         stage2_features = functional_call(mae, e_next, (stage2_batch[0],))
         loss_ii = cross_entropy(functional_call(head, c_params, (stage2_features,)), stage2_batch[1])

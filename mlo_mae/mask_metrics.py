@@ -55,3 +55,27 @@ def mean_entropy(probs: torch.Tensor) -> float:
     """Mean binary entropy of the probabilities, in nats (ln 2 = 0.69 at p = 0.5, 0 when saturated)."""
     p = probs.detach().double().clamp(1e-12, 1 - 1e-12)
     return float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+
+
+def object_patches(statistic: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, N) 0/1: an image's object patches, the floor(N/2) with the highest pixel ``statistic`` (the one
+    the masking rules rank by, ``masking.patch_statistic``), ties at random."""
+    from .masking import order_by_statistic
+
+    b, n = statistic.shape
+    top = order_by_statistic(statistic, generator)[:, n - n // 2:]
+    return torch.zeros(b, n, device=statistic.device).scatter_(1, top, 1.0)
+
+
+def object_masked_share(objects: torch.Tensor, masks: torch.Tensor) -> float:
+    """Share of the object patches that are masked, over a batch: k/N for masks blind to content
+    (uniformly random), 1 when the object is masked first, lower when the background is."""
+    objects = objects.detach().double()
+    return float((objects * masks.detach().double()).sum() / objects.sum().clamp_min(1))
+
+
+def weighted_error(errors: torch.Tensor, weights: torch.Tensor) -> float:
+    """The Stage-I reconstruction error an image's masked patches carry, weighted as Stage I weighs them
+    (sum of w * err over sum of w per image), averaged over images."""
+    w = weights.detach().double()
+    return float(((errors.detach().double() * w).sum(1) / w.sum(1).clamp_min(1e-12)).mean())

@@ -1,6 +1,6 @@
 import pytest
 
-from mlo_mae.config import Config, ConfigError, PRESETS, from_dict, parse_override, resolve
+from mlo_mae.config import Config, ConfigError, PRESETS, describe_masking, from_dict, parse_override, resolve
 
 
 def test_defaults_preset_file_and_overrides_apply_in_order(tmp_path):
@@ -92,3 +92,28 @@ def test_centring_applies_to_the_paper_masking_network_only():
     assert resolve(overrides={"model.mask_net": "mlp", "model.mask_centre": True}).model.mask_centre
     with pytest.raises(ConfigError, match="'model.mask_centre' applies to 'model.mask_net' mlp only"):
         resolve(overrides={"model.mask_centre": True})
+
+
+def test_reference_arms_and_remedies_are_config_values():
+    cfg = resolve(overrides={"optim.lr_mask": 0})
+    assert cfg.optim.lr_mask == 0.0 and "T frozen" in describe_masking(cfg)
+    cfg = resolve(overrides={"mlo.baseline": True, "mlo.baseline_rule": "object-first"})
+    assert describe_masking(cfg) == "baseline MAE (object-first masks)"
+    cfg = resolve(overrides={"mlo.selection": "mixed", "mlo.horizon": 4})
+    assert describe_masking(cfg) == "MLO-MAE (fd hypergradient, mixed selection up to 0.5 learned, horizon 4)"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"optim.lr_mask": -1e-3}, "'optim.lr_mask' must be positive, or 0"),
+    ({"mlo.baseline_rule": "object-first"}, "applies to baseline runs"),
+    ({"mlo.baseline": True, "mlo.selection": "gumbel"}, "baseline runs have none"),
+    ({"mlo.baseline_rule": "edges"}, "'mlo.baseline_rule' must be one of random, background-first, object-first"),
+    ({"mlo.selection": "best"}, "'mlo.selection' must be one of topk, mixed, gumbel"),
+    ({"mlo.learned_fraction": 1.5}, "'mlo.learned_fraction' must be in [0, 1]"),
+    ({"mlo.horizon": 0}, "'mlo.horizon' must be positive"),
+    ({"mlo.horizon": 64, "data.batch_mae": 32}, "at most 'data.batch_mae' (32)"),
+])
+def test_bad_masking_options_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        resolve(overrides=overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)

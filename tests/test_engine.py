@@ -227,3 +227,68 @@ def test_paths_are_measured_on_logged_steps_only(tiny_cfg):
     assert ratios[0] is None and ratios[2] is None
     assert ratios[1] > 0 and ratios[3] > 0  # iterations 2 and 4: the steps the worker logs
     assert all(s.mask_saturated is not None and 0 < s.mask_mean_prob_masked < 1 for s in stats)
+
+
+def test_frozen_mask_network_is_bit_identical_and_still_masks(tiny_cfg):
+    """optim.lr_mask 0: T stays at its initialisation (no Stage III, no optimiser state), Stage I is
+    still weighted by T's scores."""
+    tiny_cfg.optim.lr_mask = 0.0
+    engine = MLOEngine(tiny_cfg, 3, total_steps=4)
+    before = {k: v.clone() for k, v in engine.masknet.state_dict().items()}
+    stats = _run(engine, level_streams(), 4)
+    assert all(torch.equal(before[k], v) for k, v in engine.masknet.state_dict().items())
+    assert engine.optimizers["mask"].state_dict()["state"] == {}
+    assert engine.level_steps["mask"] == 0 and all(s.loss_val is None for s in stats)
+    assert all(s.mask_mean_prob_masked is not None for s in stats)  # T's scores weigh Stage I
+    # the same run with T learning has another T at the end
+    tiny_cfg.optim.lr_mask = 1e-3
+    learning = MLOEngine(tiny_cfg, 3, total_steps=4)
+    _run(learning, level_streams(), 4)
+    assert any(not torch.equal(before[k], v) for k, v in learning.masknet.state_dict().items())
+
+
+@pytest.mark.parametrize("rule", ["object-first", "background-first"])
+def test_pixel_rule_runs_at_mae_cost_and_masks_by_the_rule(tiny_cfg, rule):
+    from mlo_mae.masking import patch_statistic
+
+    tiny_cfg.mlo.baseline, tiny_cfg.mlo.baseline_rule = True, rule
+    engine = MLOEngine(tiny_cfg, 3, total_steps=2)
+    _run(engine, level_streams(), 2)
+    assert engine.level_steps["mask"] == 0
+    images = next(level_streams()["mae"])[0]
+    probs, mask = engine.choose_mask(images)
+    stat = patch_statistic(engine.mae.patchify(images))
+    k = int(mask.mask[0].sum())
+    chosen = torch.topk(stat if rule == "object-first" else -stat, k).indices
+    assert probs is None and torch.equal(mask.mask, torch.zeros_like(stat).scatter_(1, chosen, 1.0))
+
+
+def test_mixed_share_ramps_from_zero_to_the_learned_fraction(tiny_cfg):
+    tiny_cfg.mlo.selection, tiny_cfg.mlo.learned_fraction = "mixed", 0.5
+    engine = MLOEngine(tiny_cfg, 3, total_steps=5)
+    images = next(level_streams()["mae"])[0]
+    shares = []
+    for it in range(5):
+        engine.iteration = it
+        shares.append(float(engine.choose_mask(images)[1].learned.sum(1).mean()))
+    assert shares[0] == 0 and shares[-1] == 6.0  # k = 12 of 16: 6 chosen by T at the end
+    assert shares == sorted(shares)
+    engine.iteration = 0
+    _run(engine, level_streams(), 5)  # and the engine trains with it
+    assert engine.level_steps["mask"] == 5
+
+
+@pytest.mark.parametrize("mode", ["fd", "exact"])
+def test_a_longer_horizon_runs_inside_the_engine_and_changes_the_hypergradient(tiny_cfg, mode):
+    tiny_cfg.mlo.hypergradient = mode
+    tiny_cfg.optim.lr_mae = 0.5  # virtual steps long enough for E's curvature to show
+    grads = {}
+    for horizon in (1, 2):
+        tiny_cfg.mlo.horizon = horizon
+        engine = MLOEngine(tiny_cfg, 3, total_steps=4)
+        streams = level_streams()
+        engine.step(streams)
+        batch = next(streams["mae"])[0], next(streams["head"]), next(streams["mask"])
+        grads[horizon] = torch.cat([g.flatten() for g in engine.hypergradient(*batch)[0]])
+    assert grads[2].norm() > 0
+    assert float(torch.nn.functional.cosine_similarity(grads[1], grads[2], dim=0)) < 1 - 1e-6

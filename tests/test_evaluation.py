@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -102,3 +103,54 @@ def test_exported_head_is_the_precise_head_as_a_timm_classifier(tiny_cfg, tmp_pa
     assert torch.allclose(got, expected, atol=1e-5)
     features_only = load_encoder(tmp_path)  # the encoder file alone still loads strictly, as before
     assert features_only.num_classes == 0
+
+
+def blocks(n=8, seed=0):
+    """Hand-made 8x8 images (16 patches of 2x2): four textured patches (a checkerboard) on a flat
+    background, at random places: the object is known."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.full((n, 3, 8, 8), 40, dtype=torch.uint8)
+    objects = torch.zeros(n, 16)
+    for i in range(n):
+        for patch in torch.randperm(16, generator=gen)[:8].tolist():  # half of them: the object
+            r, c = divmod(patch, 4)
+            images[i, :, 2 * r: 2 * r + 2, 2 * c: 2 * c + 2] = torch.tensor([[0, 255], [255, 0]], dtype=torch.uint8)
+            objects[i, patch] = 1
+    return images, torch.zeros(n, dtype=torch.long), objects
+
+
+@pytest.mark.parametrize("rule,expected", [("object-first", 1.0), ("background-first", 0.5), ("random", None)])
+def test_object_masked_share_and_error_ratio_on_hand_made_images(tiny_cfg, rule, expected):
+    tiny_cfg.mlo.baseline, tiny_cfg.mlo.baseline_rule = True, rule
+    engine = MLOEngine(tiny_cfg, 3, total_steps=10)
+    images, labels, objects = blocks(n=64)
+    ev = evaluate(engine, images, labels, normalize, images)
+    assert ev.object_masked_random == 12 / 16
+    if expected is None:  # random masks: about k/N of the object masked, the same error as random masks
+        assert ev.object_masked == pytest.approx(12 / 16, abs=0.05)
+        assert ev.recon_vs_random == pytest.approx(1.0, abs=0.1)
+    else:  # k = 12 of 16 with 8 object patches: all of them, or the 4 left after the 8 flat ones
+        assert ev.object_masked == expected
+        masked = ev.snapshot.masks
+        assert torch.equal((masked * objects).sum(1), torch.full((64,), 8.0 if rule == "object-first" else 4.0))
+    assert ev.metrics()["mask/object_masked"] == ev.object_masked
+    assert ev.recon_vs_random > 0
+
+
+def test_error_ratio_is_the_stage_one_weighted_error_over_random_masks(tiny_cfg):
+    from mlo_mae.mask_metrics import weighted_error
+    from mlo_mae.masking import random_mask, stage1_weights
+
+    engine = trained_engine(tiny_cfg)
+    images, labels = sample(n=16)
+    ev = evaluate(engine, images, labels, normalize, images, batch_size=16)
+    x = normalize(images, labels)[0]
+    gen = torch.Generator().manual_seed(tiny_cfg.run.seed)  # the evaluation's draws for its first batch
+    engine.mae.eval()
+    with torch.no_grad():
+        probs, mask = engine.choose_mask(x, gen)
+        reference = random_mask(16, 16, 0.75, x.device, gen)
+        run = weighted_error(engine.mae(x, mask.ids_keep, mask.ids_restore), stage1_weights(mask.mask, probs))
+        rand = weighted_error(engine.mae(x, reference.ids_keep, reference.ids_restore), reference.mask)
+    engine.mae.train()
+    assert ev.recon_vs_random == pytest.approx(run / rand, rel=1e-6)

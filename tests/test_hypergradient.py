@@ -10,8 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlo_mae.engine import MLOEngine
 from mlo_mae.factory import create_models
-from mlo_mae.hypergradient import exact_hypergradient, hyper_direction, mixed_product_fd
-from mlo_mae.masking import top_k_mask, weighted_reconstruction_loss
+from mlo_mae.hypergradient import exact_hypergradient, horizon_hypergradient, hyper_direction, mixed_product_fd
+from mlo_mae.masking import select_mask, weighted_reconstruction_loss
 
 from conftest import level_streams, tiny_model
 
@@ -27,14 +27,19 @@ def cosine(a, b):
     return float(F.cosine_similarity(flat(a), flat(b), dim=0))
 
 
-# Every way of weighting Stage I and every masking network: (mlo.stage1_norm, model.mask_net, model.mask_centre)
-OPTIONS = [("count", "mlp", False), ("sum", "mlp", False), ("sum", "mlp", True), ("count", "patch", False),
-           ("sum", "patch", False)]
+# Every way of weighting Stage I, every masking network and every selection of the masked patches:
+# (mlo.stage1_norm, model.mask_net, model.mask_centre, mlo.selection)
+OPTIONS = [("count", "mlp", False, "topk"), ("sum", "mlp", False, "topk"), ("sum", "mlp", True, "topk"),
+           ("count", "patch", False, "topk"), ("sum", "patch", False, "topk"), ("sum", "patch", False, "mixed"),
+           ("count", "patch", False, "mixed"), ("sum", "patch", False, "gumbel"), ("sum", "mlp", False, "gumbel")]
 
 
-@pytest.fixture(params=OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
-def problem(request):
-    norm, net, centre = request.param
+# The horizon's tests, on one option of each kind (they cost K times more)
+HORIZON_OPTIONS = [("count", "mlp", False, "topk"), ("sum", "patch", False, "topk"),
+                   ("sum", "patch", False, "mixed"), ("sum", "patch", False, "gumbel")]
+
+
+def make_problem(norm, net, centre, selection):
     torch.manual_seed(0)
     cfg = tiny_model()
     cfg.mask_net, cfg.mask_centre = net, centre
@@ -48,23 +53,49 @@ def problem(request):
         with torch.no_grad():
             models.masknet.track_input(models.mae.embed_patches(batches[1][0]).mean(0))
     models.norm = norm
+    with torch.no_grad():  # the Stage-I mask, drawn once (mixed and gumbel draw at random)
+        probs = models.masknet(models.mae.embed_patches(batches[0][0]))
+    models.mask = select_mask(probs, RATIO, selection, 0.5, torch.Generator().manual_seed(2))
+    if selection == "mixed":  # both parts present: T's patches, weighted by p, and random ones, weighted 1
+        assert 0 < models.mask.learned.sum() < models.mask.mask.sum()
     return models, batches
 
 
-def sgd_unroll(models, batches):
-    """E' and C' by one plain SGD step each, written out with ordinary autograd."""
+@pytest.fixture(params=OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+def problem(request):
+    return make_problem(*request.param)
+
+
+@pytest.fixture(params=[(o, k) for o in HORIZON_OPTIONS for k in (2, 4)],
+                ids=lambda p: "-".join(str(v) for v in p[0]) + f"-K{p[1]}")
+def horizon_problem(request):
+    option, horizon = request.param
+    return (*make_problem(*option), horizon)
+
+
+def chunks(models, x1, horizon):
+    """The Stage-I images, their mask and its parts, cut as the hypergradient cuts them."""
+    m = models.mask
+    cut = [torch.tensor_split(t, horizon) if t is not None else [None] * horizon
+           for t in (x1, m.ids_keep, m.ids_restore, m.mask, m.learned)]
+    return list(zip(*cut))
+
+
+def sgd_unroll(models, batches, horizon=1):
+    """E_K (one plain SGD step per chunk of the Stage-I batch, D fixed) and C' by one step, written out
+    with ordinary autograd on deep copies."""
     mae, head, masknet = models.mae, models.head, models.masknet
     (x1, _), (x2, y2), _ = batches
     with torch.no_grad():
         probs = masknet(mae.embed_patches(x1))
-    mask = top_k_mask(probs, RATIO)
-    loss = weighted_reconstruction_loss(mae(x1, mask.ids_keep, mask.ids_restore), mask.mask, probs, models.norm)
-    enc = mae.encoder_named_parameters()
-    grads = torch.autograd.grad(loss, [p for _, p in enc])
     mae_next = copy.deepcopy(mae)
-    with torch.no_grad():
-        for (name, _), g in zip(enc, grads):
-            mae_next.get_parameter(name).sub_(LR_E * g)
+    for (x, keep, restore, mask, learned), p in zip(chunks(models, x1, horizon), torch.tensor_split(probs, horizon)):
+        loss = weighted_reconstruction_loss(mae_next(x, keep, restore), mask, p, models.norm, learned)
+        enc = mae_next.encoder_named_parameters()
+        grads = torch.autograd.grad(loss, [q for _, q in enc])
+        with torch.no_grad():
+            for (name, _), g in zip(enc, grads):
+                mae_next.get_parameter(name).sub_(LR_E * g)
     head_next = copy.deepcopy(head)
     with torch.no_grad(), head_next.frozen_statistics():
         feats = mae_next(x2)
@@ -92,32 +123,37 @@ def total_derivative(mae, head, batches, lr_c=LR_C, through_c=True):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, enc)]
 
 
-def fd_through_unroll(models, batches, lr_c=LR_C, alpha=1e-4, through_c=True):
-    """The fd-mode mixed product at E with the exact w at the unrolled E' (C' from C at E')."""
+def fd_through_unroll(models, batches, lr_c=LR_C, alpha=1e-4, through_c=True, horizon=1, lr_e=LR_E):
+    """The fd mode with the exact w at the unrolled E_K (C' from C at E_K)."""
     x1 = batches[0][0]
-    mae_next, _ = sgd_unroll(models, batches)
+    mae_next, _ = sgd_unroll(models, batches, horizon)
     w = total_derivative(mae_next, models.head, batches, lr_c, through_c)
-    return mixed_product_fd(models.mae, models.masknet, x1, w, RATIO, alpha=alpha, norm=models.norm)
+    if horizon == 1:
+        return mixed_product_fd(models.mae, models.masknet, x1, w, models.mask, alpha=alpha, norm=models.norm)
+    return horizon_hypergradient(models.mae, models.masknet, x1, w, models.mask, lr_e, horizon, alpha=alpha,
+                                 norm=models.norm)
 
 
-def exact(models, batches):
+def exact(models, batches, horizon=1):
     (x1, _), b2, b3 = batches
-    grads, _ = exact_hypergradient(models.mae, models.head, models.masknet, x1, b2, b3, RATIO, LR_E, LR_C,
-                                   models.norm)
+    grads, _ = exact_hypergradient(models.mae, models.head, models.masknet, x1, b2, b3, models.mask, LR_E, LR_C,
+                                   models.norm, horizon)
     return grads
 
 
-def unrolled_val_loss(models, batches, t_params):
-    """L_val(E'(T), C'(E'(T))) with T's parameters substituted: the brute-force reference."""
+def unrolled_val_loss(models, batches, t_params, horizon=1):
+    """L_val(E_K(T), C'(E_K(T))) with T's parameters substituted: the brute-force reference."""
     mae, head, masknet = models.mae, models.head, models.masknet
     (x1, _), (x2, y2), (x3, y3) = batches
-    enc = dict(mae.encoder_named_parameters())
     with sdpa_kernel(SDPBackend.MATH), head.frozen_statistics():
         probs = functional_call(masknet, t_params, (mae.embed_patches(x1).detach(),))
-        mask = top_k_mask(probs, RATIO)
-        loss = weighted_reconstruction_loss(mae(x1, mask.ids_keep, mask.ids_restore), mask.mask, probs, models.norm)
-        grads = torch.autograd.grad(loss, list(enc.values()))
-        e_next = {n: p - LR_E * g for (n, p), g in zip(enc.items(), grads)}
+        e_next = dict(mae.encoder_named_parameters())
+        for (x, keep, restore, mask, learned), p in zip(chunks(models, x1, horizon),
+                                                         torch.tensor_split(probs, horizon)):
+            errors = functional_call(mae, e_next, (x, keep, restore))
+            loss = weighted_reconstruction_loss(errors, mask, p, models.norm, learned)
+            grads = torch.autograd.grad(loss, list(e_next.values()))  # values only: no graph kept
+            e_next = {n: q - LR_E * g for (n, q), g in zip(e_next.items(), grads)}
         c = dict(head.named_parameters())
         loss_c = F.cross_entropy(functional_call(head, c, (functional_call(mae, e_next, (x2,)),)), y2)
         grads_c = torch.autograd.grad(loss_c, list(c.values()))
@@ -127,16 +163,23 @@ def unrolled_val_loss(models, batches, t_params):
 
 
 def test_exact_mode_matches_brute_force_numerical_derivative(problem):
-    models, batches = problem
-    g = exact(models, batches)
+    check_exact_against_brute_force(*problem, horizon=1)
+
+
+def test_exact_mode_through_a_horizon_matches_brute_force_numerical_derivative(horizon_problem):
+    check_exact_against_brute_force(*horizon_problem)
+
+
+def check_exact_against_brute_force(models, batches, horizon):
+    g = exact(models, batches, horizon)
     names = [n for n, _ in models.masknet.named_parameters()]
     base = {n: p.detach() for n, p in models.masknet.named_parameters()}
     gen = torch.Generator().manual_seed(3)
     h = 1e-6
     for _ in range(3):
         direction = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in base.items()}
-        plus = unrolled_val_loss(models, batches, {n: base[n] + h * direction[n] for n in names})
-        minus = unrolled_val_loss(models, batches, {n: base[n] - h * direction[n] for n in names})
+        plus = unrolled_val_loss(models, batches, {n: base[n] + h * direction[n] for n in names}, horizon)
+        minus = unrolled_val_loss(models, batches, {n: base[n] - h * direction[n] for n in names}, horizon)
         numeric = float((plus - minus) / (2 * h))
         # g_T is dL_val/dT per unit of eta_E (see the module docstring)
         analytic = LR_E * float(sum((gi * direction[n]).sum() for gi, n in zip(g, names)))
@@ -151,6 +194,21 @@ def test_finite_difference_agrees_with_exact_autograd_through_the_unrolled_step(
     fd = fd_through_unroll(models, batches, alpha=1e-4)
     assert 1 - cosine(fd, reference) < 1e-9
     assert flat(fd).norm() == pytest.approx(float(flat(reference).norm()), rel=1e-4)
+
+
+def test_fd_through_a_horizon_agrees_with_exact_autograd(horizon_problem):
+    """Given the exact w at E_K, the reverse accumulation (virtual iterates, Hessian-vector products and
+    mixed products by central differences) is g_T through K steps to second order in eps."""
+    models, batches, horizon = horizon_problem
+    reference = exact(models, batches, horizon)
+    fd = fd_through_unroll(models, batches, alpha=1e-4, horizon=horizon)
+    assert 1 - cosine(fd, reference) < 1e-9
+    assert flat(fd).norm() == pytest.approx(float(flat(reference).norm()), rel=1e-4)
+    # The horizon matters here: one step (K = 1, the same images) is another direction, and so is the
+    # sum of K mixed products without E's curvature (every lambda_j = w).
+    assert 1 - cosine(exact(models, batches, 1), reference) > 1e-6
+    curvature_free = fd_through_unroll(models, batches, alpha=1e-4, horizon=horizon, lr_e=0.0)
+    assert 1 - cosine(curvature_free, reference) > 1e-6
 
 
 def test_the_path_through_the_head_is_kept(problem):

@@ -47,3 +47,33 @@ def test_saturation_masked_probability_and_entropy():
     assert mean_masked_prob(probs, masks) == pytest.approx((0.5 + 0.995 + 0.999 + 0.6) / 4)
     assert mean_entropy(torch.full((2, 3), 0.5)) == pytest.approx(math.log(2))
     assert mean_entropy(torch.tensor([[0.0, 1.0]])) < 1e-9
+
+
+def test_object_patches_are_the_more_varied_half_and_the_masked_share_by_hand():
+    from mlo_mae.mask_metrics import object_masked_share, object_patches
+
+    stat = torch.tensor([[5.0, 0.0, 3.0, 0.1, 0.0, 7.0],   # objects: 0, 2, 5
+                         [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])  # objects: 3, 4, 5
+    objects = object_patches(stat)
+    assert objects.tolist() == [[1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 1, 1]]
+    masks = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0],   # 2 of 3 objects masked
+                          [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])  # none
+    assert object_masked_share(objects, masks) == pytest.approx(2 / 6)
+
+
+def test_object_masked_share_of_masks_blind_to_content_is_k_over_n():
+    from mlo_mae.mask_metrics import object_masked_share, object_patches
+    from mlo_mae.masking import random_mask
+
+    gen = torch.Generator().manual_seed(0)
+    stat = torch.rand(3000, 16, generator=gen)
+    share = object_masked_share(object_patches(stat, gen), random_mask(3000, 16, 0.75, torch.device("cpu"), gen).mask)
+    assert share == pytest.approx(12 / 16, abs=0.01)
+
+
+def test_weighted_error_by_hand():
+    from mlo_mae.mask_metrics import weighted_error
+
+    errors = torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 8.0]])
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0], [0.5, 0.0, 0.0, 0.5]])
+    assert weighted_error(errors, weights) == pytest.approx(((2 + 9) / 4 + (1 + 4) / 1) / 2)

@@ -144,3 +144,90 @@ def test_centred_masking_network_ignores_what_every_image_shares():
     assert int(t.input_count) == 23
     plain_net = MaskingNetwork(num_patches=6, embed_dim=4, hidden_dim=32)
     assert "input_mean" not in plain_net.state_dict()
+
+
+# ----- selections of T's scores and rules without T -----
+
+def test_gumbel_masks_exactly_k_and_follows_the_scores_in_proportion():
+    """Gumbel-top-k draws k patches without replacement with chances proportional to p: a patch of
+    score 0.9 is masked far more often than one of 0.1, and every patch sometimes."""
+    from mlo_mae.masking import gumbel_top_k_mask
+
+    probs = torch.tensor([[0.9, 0.9, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5]]).expand(4000, -1)
+    m = gumbel_top_k_mask(probs, 0.25, torch.Generator().manual_seed(0))  # k = 2 of 8
+    assert torch.equal(m.mask.sum(1), torch.full((4000,), 2.0))
+    freq = m.mask.mean(0)
+    assert freq[0] > freq[4] + 0.1 > freq[2] + 0.2 > 0.2  # ordered as p, and nothing is never masked
+    # The first draw of Gumbel-top-k is categorical(p / sum p): P(patch 0 first) = 0.9 / 4
+    again = gumbel_top_k_mask(probs, 1 / 8, torch.Generator().manual_seed(1))  # k = 1
+    assert float(again.mask[:, 0].mean()) == pytest.approx(0.9 / 4.0, abs=0.02)
+
+
+def test_mixed_masks_t_s_highest_share_and_random_others_weighted_one():
+    from mlo_mae.masking import mixed_mask, stage1_weights
+
+    torch.manual_seed(3)
+    probs = torch.rand(500, 16)
+    m = mixed_mask(probs, 0.75, 0.5, torch.Generator().manual_seed(0))  # k = 12, m = 6 learned
+    assert torch.equal(m.mask.sum(1), torch.full((500,), 12.0))
+    assert torch.equal(m.learned.sum(1), torch.full((500,), 6.0))
+    top6 = torch.zeros_like(probs).scatter_(1, torch.topk(probs, 6).indices, 1.0)
+    assert torch.equal(m.learned, top6)  # T's part: its 6 highest
+    assert torch.all(m.mask >= m.learned)  # and they are masked
+    rest = (m.mask - m.learned).bool()  # the random part is spread over the other 10, about 6/10 each
+    others = ~top6.bool()
+    assert float(rest[others].float().mean()) == pytest.approx(0.6, abs=0.03)
+    w = stage1_weights(m.mask, probs, m.learned)
+    assert torch.equal(w[m.learned.bool()], probs[m.learned.bool()])
+    assert torch.all(w[rest] == 1.0) and torch.all(w[m.mask == 0] == 0.0)
+    none = mixed_mask(probs, 0.75, 0.0, torch.Generator().manual_seed(0))  # the ramp's start: all random
+    assert none.learned.sum() == 0 and torch.equal(none.mask.sum(1), torch.full((500,), 12.0))
+
+
+@pytest.mark.parametrize("rule", ["object-first", "background-first"])
+def test_pixel_rules_mask_exactly_k_patches_ranked_by_the_patch_spread(rule):
+    from mlo_mae.masking import patch_statistic, rule_mask
+
+    gen = torch.Generator().manual_seed(0)
+    patches = torch.randn(50, 16, 12, generator=gen) * torch.rand(50, 16, 1, generator=gen) * 3  # spreads differ
+    stat = patch_statistic(patches)
+    assert torch.allclose(stat, patches.std(-1, unbiased=False))
+    m = rule_mask(stat, 0.25, rule, gen)  # k = 4
+    assert torch.equal(m.mask.sum(1), torch.full((50,), 4.0))
+    chosen = torch.topk(stat if rule == "object-first" else -stat, 4).indices
+    assert torch.equal(m.mask, torch.zeros(50, 16).scatter_(1, chosen, 1.0))
+
+
+def test_pixel_rule_breaks_ties_at_random():
+    from mlo_mae.masking import rule_mask
+
+    stat = torch.zeros(2000, 8)
+    stat[:, :2] = 1.0  # two textured patches; six blank ones tie
+    m = rule_mask(stat, 0.5, "background-first", torch.Generator().manual_seed(0))  # k = 4 of the 6 blank
+    assert torch.all(m.mask[:, :2] == 0)
+    freq = m.mask[:, 2:].mean(0)
+    assert torch.allclose(freq, torch.full((6,), 4 / 6), atol=0.04)  # no blank patch preferred
+    object_first = rule_mask(stat, 0.5, "object-first", torch.Generator().manual_seed(0))
+    assert torch.all(object_first.mask[:, :2] == 1)  # the two textured first, then 2 of the blank ones
+
+
+def test_rule_scores_rank_the_masked_patches_highest():
+    from mlo_mae.masking import rule_mask, rule_scores
+
+    stat = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    m = rule_mask(stat, 0.5, "object-first")
+    assert torch.allclose(rule_scores(m, "object-first"), torch.tensor([[0.0, 1.0, 1 / 3, 2 / 3]]))
+    b = rule_mask(stat, 0.5, "background-first")
+    assert torch.allclose(rule_scores(b, "background-first"), torch.tensor([[1.0, 0.0, 2 / 3, 1 / 3]]))
+    assert torch.allclose(rule_scores(b, "random"), torch.full((1, 4), 0.5))
+
+
+def test_weighted_loss_of_a_mixed_mask_by_hand():
+    errors = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    learned = torch.tensor([[0.0, 1.0, 0.0, 0.0]])  # patch 1 chosen by T (weight p), 2 and 3 at random (1)
+    probs = torch.tensor([[0.9, 0.5, 0.25, 0.1]])
+    assert weighted_reconstruction_loss(errors, mask, probs, "sum", learned).item() == pytest.approx(
+        (0.5 * 2.0 + 3.0 + 4.0) / 2.5)
+    assert weighted_reconstruction_loss(errors, mask, probs, "count", learned).item() == pytest.approx(
+        (0.5 * 2.0 + 3.0 + 4.0) / 3)

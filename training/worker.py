@@ -72,6 +72,10 @@ def evaluation_line(ev) -> str:
         line += f" | mask Jaccard {ev.jaccard:.2f} (random {ev.random_jaccard:.2f})"
     if ev.saturated is not None:
         line += f", saturated {100 * ev.saturated:.0f}%, mean p masked {ev.mean_prob_masked:.2f}"
+    if ev.object_masked is not None:
+        line += f" | object masked {ev.object_masked:.2f} (random {ev.object_masked_random:.2f})"
+    if ev.recon_vs_random is not None:
+        line += f", error vs random masks {ev.recon_vs_random:.2f}"
     return line
 
 
@@ -103,8 +107,8 @@ def _streams(engine: MLOEngine, data: PreparedDataset, cfg: config_mod.Config, r
     specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed, cfg.data.augment_head)
     streams = {}
     for level in LEVELS:
-        if level == "mask" and cfg.mlo.baseline:
-            continue  # plain MAE has no Stage III
+        if level == "mask" and not config_mod.trains_mask(cfg):
+            continue  # plain MAE, or a T that does not learn: no Stage III
         spec, batch = specs[level], batch_size(cfg, level)
         plan = RankPlan(list_chunks(data.files(spec.split), world), spec.seed, rank, world, window_rows(batch))
         streams[level] = LevelStream(plan, spec, batch, engine.level_steps[level], engine.level_total(level))
