@@ -411,8 +411,10 @@ def probe(source: str, dataset: str | None, device: str, tracking_uri: str | Non
 
     started = time.perf_counter()
     evaluation, result = run_probe(source, dataset, device, tracking_uri, experiment, click.echo, _warn)
-    click.echo(f"linear probe: D_val top-1 {100 * result.val_top1:.1f}% (L2 {result.weight_decay:g} chosen on "
-               f"D_val) | test top-1 {100 * result.test_top1:.1f}% | {time.perf_counter() - started:.1f}s")
+    for probe in (result, *result.others.values()):
+        click.echo(f"linear probe of {probe.features} features: D_val top-1 {100 * probe.val_top1:.1f}% (L2 "
+                   f"{probe.weight_decay:g} chosen on D_val) | test top-1 {100 * probe.test_top1:.1f}%")
+    click.echo(f"probed in {time.perf_counter() - started:.1f}s")
     _echo_logged(evaluation.uri, evaluation.run_id)
 
 

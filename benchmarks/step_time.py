@@ -1,14 +1,17 @@
-"""Time per Stage-I step of MLO-MAE vs plain MAE (baseline mode), and peak RSS.
+"""Time per Stage-I step of MLO-MAE (this project's defaults and the paper's recipe) vs plain MAE, and
+peak RSS.
 
 The comparison model is the ``tiny`` preset: 32x32 input, patch 4 (64 patches),
-encoder 192 wide x 4 deep x 3 heads, decoder 128 x 2 x 4, masking network
-64*192 -> 512 -> 64; unroll 2/1/1; the same batch size at every level.
+encoder 192 wide x 4 deep x 3 heads, decoder 128 x 2 x 4; the same batch size
+at every level. Recipes: ``mlo`` the defaults (patch scorer T, unroll 2/4/1,
+Stage II reusing the kept features of earlier batches), ``paper`` (``--config
+paper``: T 64*192 -> 512 -> 64, unroll 2/1/1).
 
 - MAE: the median time of one baseline Stage-I step (random masking, no T).
 - MLO: the median time of one full iteration (2 Stage-I steps, Stage II,
   Stage III with the hypergradient) divided by the 2 Stage-I steps it holds.
 
-Times: both modes in one process, interleaved step by step (noise hits both
+Times: all modes in one process, interleaved step by step (noise hits them
 alike). Peak RSS: each mode in a process of its own.
 Usage: python benchmarks/step_time.py [--steps 30] [--threads 2] [--out FILE]
 """
@@ -45,8 +48,9 @@ def _setup(batch: int, threads: int):
             for _ in range(8)]
 
     def make(mode: str):
-        cfg = resolve(preset="tiny", overrides={"mlo.baseline": mode == "mae", "data.batch_mae": batch,
-                                                "data.batch_head": batch, "data.batch_mask": batch})
+        cfg = resolve("paper" if mode == "paper" else None, preset="tiny", overrides={
+            "mlo.baseline": mode == "mae", "data.batch_mae": batch, "data.batch_head": batch,
+            "data.batch_mask": batch})
         return MLOEngine(cfg, num_classes=10, total_steps=100_000)
 
     def cycle(offset: int):
@@ -67,20 +71,24 @@ def _setup(batch: int, threads: int):
     return runner
 
 
+MODES = ("mae", "mlo", "paper")
+
+
 def child_time(batch: int, steps: int, threads: int, warmup: int) -> dict:
-    """Both modes in one process, interleaved step by step, so machine noise hits both alike."""
+    """Every mode in one process, interleaved step by step, so machine noise hits them alike."""
     runner = _setup(batch, threads)
-    run = {"mae": runner("mae"), "mlo": runner("mlo")}
-    times: dict[str, list[float]] = {"mae": [], "mlo": []}
+    run = {mode: runner(mode) for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for i in range(warmup + steps):
-        for mode in ("mae", "mlo"):
+        for mode in MODES:
             start = time.perf_counter()
             run[mode]()
             if i >= warmup:
                 times[mode].append(time.perf_counter() - start)
-    mae = statistics.median(times["mae"])
-    mlo = statistics.median(times["mlo"]) / 2  # unroll_mae = 2 Stage-I steps per iteration
-    return {"batch": batch, "steps": steps, "threads": threads, "mae_s": mae, "mlo_s_per_stage1": mlo}
+    out = {"batch": batch, "steps": steps, "threads": threads, "mae_s": statistics.median(times["mae"])}
+    for mode in ("mlo", "paper"):  # unroll_mae = 2 Stage-I steps per iteration
+        out[f"{mode}_s_per_stage1"] = statistics.median(times[mode]) / 2
+    return out
 
 
 def child_rss(mode: str, batch: int, threads: int, steps: int = 10) -> dict:
@@ -120,38 +128,33 @@ def main() -> None:
 
     timing, rss = [], []
     for batch in [int(b) for b in args.batches.split(",")]:
-        print(f"batch {batch}: timing MAE and MLO interleaved ...", file=sys.stderr, flush=True)
+        print(f"batch {batch}: timing MAE, MLO and the paper's recipe interleaved ...", file=sys.stderr, flush=True)
         timing.append(spawn("time", str(batch)))
-        for mode in ("mae", "mlo"):
+        for mode in MODES:
             print(f"batch {batch}: peak RSS of {mode} ...", file=sys.stderr, flush=True)
             rss.append(spawn("rss", mode, str(batch)))
 
     table = []
     for t in timing:
         batch = t["batch"]
-        mae = next(r for r in rss if r["batch"] == batch and r["mode"] == "mae")
-        mlo = next(r for r in rss if r["batch"] == batch and r["mode"] == "mlo")
-        table.append({
-            "batch": batch,
-            "mae_ms": 1000 * t["mae_s"],
-            "mlo_ms": 1000 * t["mlo_s_per_stage1"],
-            "time_ratio": t["mlo_s_per_stage1"] / t["mae_s"],
-            "mae_peak_rss_mb": mae["peak_rss_mb"],
-            "mlo_peak_rss_mb": mlo["peak_rss_mb"],
-            "rss_ratio": mlo["peak_rss_mb"] / mae["peak_rss_mb"],
-            "rss_ratio_above_ready": (mlo["peak_rss_mb"] - mlo["rss_ready_mb"])
-            / max(mae["peak_rss_mb"] - mae["rss_ready_mb"], 1e-9),
-        })
-    header = (f"{'batch':>5} | {'MAE ms/step':>11} | {'MLO ms/step':>11} | {'MLO/MAE':>7} | "
-              f"{'MAE RSS MB':>10} | {'MLO RSS MB':>10} | {'RSS ratio':>9} | {'growth ratio':>12}")
+        peak = {r["mode"]: r for r in rss if r["batch"] == batch}
+        row = {"batch": batch, "mae_ms": 1000 * t["mae_s"], "mae_peak_rss_mb": peak["mae"]["peak_rss_mb"]}
+        for mode in ("mlo", "paper"):
+            row.update({f"{mode}_ms": 1000 * t[f"{mode}_s_per_stage1"],
+                        f"{mode}_time_ratio": t[f"{mode}_s_per_stage1"] / t["mae_s"],
+                        f"{mode}_peak_rss_mb": peak[mode]["peak_rss_mb"],
+                        f"{mode}_rss_ratio": peak[mode]["peak_rss_mb"] / peak["mae"]["peak_rss_mb"]})
+        table.append(row)
+    header = (f"{'batch':>5} | {'MAE ms/step':>11} | {'MLO ms/step':>11} | {'MLO/MAE':>7} | {'paper ms/step':>13} | "
+              f"{'paper/MAE':>9} | {'MAE RSS MB':>10} | {'MLO RSS MB':>10} | {'paper RSS MB':>12}")
     print(header)
     print("-" * len(header))
     for r in table:
-        print(f"{r['batch']:>5} | {r['mae_ms']:>11.1f} | {r['mlo_ms']:>11.1f} | {r['time_ratio']:>6.2f}x | "
-              f"{r['mae_peak_rss_mb']:>10.0f} | {r['mlo_peak_rss_mb']:>10.0f} | {r['rss_ratio']:>8.2f}x | "
-              f"{r['rss_ratio_above_ready']:>11.2f}x")
-    print("medians over interleaved steps in one process; MLO ms/step = one iteration (2 Stage-I, Stage II, "
-          "Stage III) / 2; growth = peak RSS minus RSS after building the engine")
+        print(f"{r['batch']:>5} | {r['mae_ms']:>11.1f} | {r['mlo_ms']:>11.1f} | {r['mlo_time_ratio']:>6.2f}x | "
+              f"{r['paper_ms']:>13.1f} | {r['paper_time_ratio']:>8.2f}x | {r['mae_peak_rss_mb']:>10.0f} | "
+              f"{r['mlo_peak_rss_mb']:>10.0f} | {r['paper_peak_rss_mb']:>12.0f}")
+    print("medians over interleaved steps in one process; MLO and paper ms/step = one iteration (2 Stage-I, "
+          "Stage II, Stage III) / 2")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"timing": timing, "rss": rss, "table": table}, indent=2))
     print(f"wrote {args.out}")

@@ -71,7 +71,11 @@ class MLOConfig:
     # patches; count: sum(p*err)/K (the authors'), T can shrink Stage I by lowering every p
     stage1_norm: str = "sum"
     unroll_mae: int = 2  # Stage-I (E, D) steps per iteration
-    unroll_head: int = 4  # Stage-II (C) steps per iteration, each on a fresh D_tr batch (the authors': 1)
+    unroll_head: int = 4  # Stage-II (C) steps per iteration (the authors': 1)
+    # true: one fresh D_tr batch per iteration (encoded by the pass Stage III shares); C's other steps reuse
+    # the CLS features of the previous iterations' batches, kept from when they were encoded.
+    # false: every C step encodes a fresh batch (one more encoder pass each)
+    head_reuse: bool = True
     unroll_mask: int = 1  # Stage-III (T) steps per iteration
 
 
@@ -122,6 +126,9 @@ class RunConfig:
     eval_every: int = 25  # iterations between evaluations on a fixed D_val sample (+ heatmaps); 0: only at the end
     eval_samples: int = 512  # size of that fixed D_val sample
     probe: bool = True  # linear probe on the test split at the end
+    # what the linear probe reads: cls (the CLS token, as MAE) | mean (of the patch tokens) | tokens (the patch
+    # tokens' whole map, flattened: N*d features); several joined by '+' (the first is the run's probe/*)
+    probe_features: str = "cls"
 
 
 @dataclass
@@ -155,6 +162,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(img_size=28, patch_size=4, embed_dim=192, depth=4, num_heads=3,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
         "optim": dict(lr_mae=3e-4, weight_decay_mae=0.05),
+    },
+    # The quality study's CPU recipe for 28x28 data (Fashion-MNIST), where pretraining beats its references
+    # (README, Benchmarks): tiny-28's encoder on 16 patches of 7x7, Stage I at batch 128 (images, not steps, are
+    # what a short run lacks), 6.4 epochs (1200 iterations, ~11 minutes of an MLO run on 2 cores), the probe on the patch
+    # tokens' map (the spatial map a raw-pixel probe reads) and on their mean.
+    "tiny-28-study": {
+        "model": dict(img_size=28, patch_size=7, embed_dim=192, depth=4, num_heads=3,
+                      decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+        "optim": dict(lr_mae=1e-3, weight_decay_mae=0.05),
+        "data": dict(batch_mae=128),
+        "run": dict(epochs=6.4, eval_every=100, probe_features="tokens+mean"),  # 1200 iterations on 48,000 D_tr
     },
     "small": {
         "model": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
@@ -364,6 +382,9 @@ def resolve(
     return cfg
 
 
+MAX_TOKEN_FEATURES = 16_384  # a token-map probe's features per image (its train matrix: D_tr x this, float32)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     for key, allowed in CHOICES.items():
@@ -407,6 +428,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"'data.{key}' must be at least 2 (the head normalises over the batch)")
     if m.mask_centre and m.mask_net != "mlp":
         raise ConfigError(f"'model.mask_centre' applies to 'model.mask_net' mlp only (got {m.mask_net})")
+    pools = r.probe_features.split("+")
+    if not pools or any(pool not in ("cls", "mean", "tokens") for pool in pools) or len(set(pools)) < len(pools):
+        raise ConfigError(f"'run.probe_features' must be cls, mean or tokens, or several of them joined by '+' "
+                          f"(e.g. tokens+mean), got '{r.probe_features}'")
+    tokens = (m.img_size // m.patch_size) ** 2 * m.embed_dim
+    if "tokens" in pools and tokens > MAX_TOKEN_FEATURES:
+        raise ConfigError(f"'run.probe_features' tokens would read {tokens:,} features per image (N x d), more than "
+                          f"{MAX_TOKEN_FEATURES:,}: use mean or cls for this model")
     if r.eval_every < 0:
         raise ConfigError(f"'run.eval_every' must be 0 (only at the end) or more, got {r.eval_every}")
     if r.eval_samples < 1:
@@ -461,7 +490,7 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any], where: str = "") -
 
 # Keys added after runs were saved, with the value that reproduces what those runs did: a saved config
 # without them resumes (and is probed, exported) as it was trained, not with today's defaults.
-LEGACY = {"model": {"mask_net": "mlp", "mask_centre": False}, "mlo": {"stage1_norm": "count"},
+LEGACY = {"model": {"mask_net": "mlp", "mask_centre": False}, "mlo": {"stage1_norm": "count", "head_reuse": False},
           "optim": {"schedule_head": "cosine"}, "data": {"augment_head": True}}
 
 

@@ -32,9 +32,9 @@ from .config import Config, from_dict, lr_scale, trains_mask
 from .distributed import Sync, no_sync
 from .factory import create_models
 from .head import cross_entropy
-from .hypergradient import exact_hypergradient, horizon_hypergradient, hyper_direction
+from .hypergradient import exact_hypergradient, horizon_hypergradient, hyper_direction, t_scores
 from .mask_metrics import mean_entropy, mean_masked_prob, saturated_fraction
-from .masking import Mask, masks_for, weighted_reconstruction_loss
+from .masking import Mask, masks_for, select_mask, weighted_reconstruction_loss
 from .optim import build_adamw, set_lr, warmup_cosine
 from .seeding import seeded, stream_seed
 
@@ -112,6 +112,7 @@ class MLOEngine:
         self.base_lr = {"mae": o.lr_mae * scale, "head": o.lr_head * scale, "mask": o.lr_mask * scale}
         self.iteration = 0
         self.level_steps = {level: 0 for level in LEVELS}
+        self.head_queue: list[Batch] = []  # head_reuse: (CLS features, labels) of the last Stage-II batches
         self.path_ratio: float | None = None  # of the last hypergradient, on the iterations that measure it
 
     # ----- one iteration -----
@@ -135,18 +136,24 @@ class MLOEngine:
                 stage1.append(self.mae_step(stage1_images))
 
             # Stage II: C on D_tr, E fixed; the hypergradient's C path goes through the last batch. With
-            # fd, that batch shares one encoder pass (and its graph) with the first Stage-III batch.
+            # fd, that batch shares one encoder pass (and its graph) with the first Stage-III batch. With
+            # head_reuse, it is the iteration's only fresh batch: C first steps on the kept features of the
+            # previous iterations' batches.
             share = mlo and self.cfg.mlo.hypergradient == "fd"
+            fresh = self.batches_per_iteration("head")
             losses_ii, stage3_batch, shared = [], None, None
-            for j in range(self.unroll("head")):
+            for j in range(fresh):
                 stage2_batch = next(batches["head"])
-                if share and j == self.unroll("head") - 1:
+                if share and j == fresh - 1:
                     stage3_batch = next(batches["mask"])
                     shared = self._shared_features(stage2_batch, stage3_batch)
                     features = shared[0]
                 else:
                     with torch.no_grad(), self._autocast():
                         features = self.mae.forward_features(stage2_batch[0])
+                if j == fresh - 1:
+                    for kept, labels in self._reused_head_batches(features, stage2_batch[1]):
+                        losses_ii.append(self.head_step(kept, labels))
                 losses_ii.append(self.head_step(features, stage2_batch[1]))
 
             # Stage III: T on D_val, through the last Stage-I and Stage-II batches.
@@ -236,12 +243,14 @@ class MLOEngine:
         # eta_E of the virtual steps: divided out again for K = 1, it sets the horizon's reach for K > 1
         virtual_lr = lr_mae if lr_mae > 0 else self.base_lr["mae"]
         with seeded(seed, self.device):
-            mask = self.choose_mask(stage1_images)[1]  # drawn once: every pass and mode sees it
+            probs = t_scores(self.mae, self.masknet, stage1_images)  # with T's graph
+            # the mask is drawn once: every pass and both modes see it
+            mask = select_mask(probs.detach(), cfg.mask_ratio, cfg.selection, self.learned_fraction())
             if cfg.hypergradient == "exact":
                 self.path_ratio = None
                 grads, loss_val = exact_hypergradient(
                     self.mae, self.head, self.masknet, stage1_images, stage2_batch, stage3_batch,
-                    mask, virtual_lr, lr_head, cfg.stage1_norm, cfg.horizon)
+                    mask, virtual_lr, lr_head, cfg.stage1_norm, cfg.horizon, probs)
                 with torch.no_grad(), self.head.frozen_statistics():
                     logits = self.head(self.mae.forward_features(stage3_batch[0]))
                 return grads, loss_val, logits
@@ -255,13 +264,37 @@ class MLOEngine:
                     logits = self.head(f3.detach())
             self.path_ratio = direction.c_path_norm / direction.e_path_norm if direction.e_path_norm else None
             grads = horizon_hypergradient(self.mae, self.masknet, stage1_images, direction.w, mask, virtual_lr,
-                                          cfg.horizon, cfg.fd_alpha, seed, cfg.stage1_norm)
+                                          cfg.horizon, cfg.fd_alpha, seed, cfg.stage1_norm, probs)
         return grads, direction.loss_val, logits
+
+    def _reused_head_batches(self, features: torch.Tensor, labels: torch.Tensor) -> list[Batch]:
+        """With ``head_reuse``: the kept (CLS features, labels) of the previous ``unroll_head - 1`` Stage-II
+        batches, oldest first (the fresh batch fills the places of a run's first iterations); the fresh
+        batch is kept for the next iterations."""
+        keep = self.unroll("head") - 1
+        if not self.cfg.mlo.head_reuse or keep == 0:
+            return []
+        fresh = (features[:, :1].detach().clone(), labels)
+        reused = [fresh] * (keep - len(self.head_queue)) + self.head_queue
+        self.head_queue = (self.head_queue + [fresh])[-keep:]
+        return reused
 
     # ----- schedule -----
     def unroll(self, level: str) -> int:
         m = self.cfg.mlo
         return {"mae": m.unroll_mae, "head": m.unroll_head, "mask": m.unroll_mask}[level]
+
+    def batches_per_iteration(self, level: str) -> int:
+        """Batches an iteration draws from the level's stream (the data position is iteration x this)."""
+        if level == "mask" and not trains_mask(self.cfg):
+            return 0
+        if level == "head" and self.cfg.mlo.head_reuse:
+            return 1
+        return self.unroll(level)
+
+    def batches_drawn(self, level: str) -> int:
+        """Batches drawn from the level's stream so far: where a resumed stream starts."""
+        return self.iteration * self.batches_per_iteration(level)
 
     def level_total(self, level: str) -> int:
         """Optimiser steps this level takes over the whole run (its cosine's length)."""
@@ -336,6 +369,7 @@ class MLOEngine:
                         "masknet": self.masknet.state_dict()},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "rng": rng,
+            "head_queue": [[f.cpu(), y.cpu()] for f, y in self.head_queue],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -351,6 +385,7 @@ class MLOEngine:
         self.total_steps = int(state["total_steps"])
         self.iteration = int(state["iteration"])
         self.level_steps = {k: int(v) for k, v in state["level_steps"].items()}
+        self.head_queue = [(f.to(self.device), y.to(self.device)) for f, y in state.get("head_queue", [])]
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

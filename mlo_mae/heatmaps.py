@@ -88,6 +88,11 @@ class MaskSnapshot:
         """Which method produced the masks, as the figure titles say it."""
         return self.label or ("baseline MAE" if self.baseline else "MLO-MAE")
 
+    @property
+    def score_name(self) -> str:
+        """What the score maps show: T's score p, or a pixel rule's rank (its masked patches rank highest)."""
+        return "rank by the rule" if self.label else "T's score p"
+
     def mean_map(self) -> np.ndarray:
         """(rows, cols) mean score p over the sample: which patches T ranks high on average."""
         return self.probs.double().mean(0).reshape(self.grid).numpy()
@@ -232,7 +237,7 @@ def _mean_figure(snap: MaskSnapshot) -> _Figure:
     fig = _figure(MEAN_SIZE)
     ax_p, ax_f = fig.subplots(1, 2)
     im_p = _heatmap(ax_p, snap.mean_map(), PROB_CMAP)
-    ax_p.set_title("T's score p, mean over images", fontsize=10)
+    ax_p.set_title(f"{snap.score_name}, mean over images", fontsize=10)
     _colorbar(fig, ax_p, PROB_CMAP, "score p")
     im_f = _heatmap(ax_f, snap.mask_frequency(), FREQ_CMAP)
     ax_f.set_title("how often masked (the k highest p)", fontsize=10)
@@ -252,7 +257,7 @@ def _mean_figure(snap: MaskSnapshot) -> _Figure:
 
 def _panel_title(snap: MaskSnapshot) -> str:
     return (f"{snap.mode} · step {snap.step}\nblue: the {_masked_count(snap)} patches masked "
-            "(each image's highest scores); colour below: T's score p")
+            f"(each image's highest scores); colour below: {snap.score_name}")
 
 
 def _panel_figure(snap: MaskSnapshot, count: int, class_names: list[str] | None) -> _Figure:
@@ -295,7 +300,7 @@ def _panel_figure(snap: MaskSnapshot, count: int, class_names: list[str] | None)
     for r in range(0, min(2 * PANEL_ROWS, 2 * math.ceil(shown / per_row)), 2):
         grid_axes[r, 0].set_ylabel("masked", fontsize=9)
         grid_axes[r + 1, 0].set_ylabel("score p", fontsize=9)
-    _colorbar(fig, grid_axes.ravel().tolist(), PROB_CMAP, "T's score p (masked: the k highest)")
+    _colorbar(fig, grid_axes.ravel().tolist(), PROB_CMAP, f"{snap.score_name} (masked: the k highest)")
 
     def update(s: MaskSnapshot) -> None:
         title.set_text(_panel_title(s))
@@ -309,7 +314,8 @@ def _panel_figure(snap: MaskSnapshot, count: int, class_names: list[str] | None)
 
 
 def _classes_title(snap: MaskSnapshot) -> str:
-    return f"{snap.mode} · step {snap.step}: T's score p, mean per class (the k highest of an image are masked)"
+    return (f"{snap.mode} · step {snap.step}: {snap.score_name}, mean per class (the k highest of an image "
+            "are masked)")
 
 
 def _classes_figure(snap: MaskSnapshot, class_names: list[str] | None, max_classes: int) -> _Figure:
@@ -450,8 +456,8 @@ def render_evolution(snaps: list[MaskSnapshot]) -> tuple[list[Image.Image], Imag
     frames = _mean_frames(snaps)
     picks = strip_indices(len(snaps))
     fig = _figure(STRIP_SIZE)
-    mode = snaps[0].mode if snaps else "MLO-MAE"
-    fig.suptitle(f"{mode}: T's score p, mean over the sample, over training", fontsize=11)
+    mode, score = (snaps[0].mode, snaps[0].score_name) if snaps else ("MLO-MAE", "T's score p")
+    fig.suptitle(f"{mode}: {score}, mean over the sample, over training", fontsize=11)
     if not picks:
         fig.text(0.5, 0.5, "no snapshots", ha="center", va="center")
         strip = _to_image(fig, STRIP_SIZE, {"maps": []})

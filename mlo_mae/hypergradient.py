@@ -149,6 +149,13 @@ def _norm(tensors: Sequence[torch.Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
 
+def t_scores(mae: MaskedAutoencoderViT, masknet: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """T's scores p of a batch, with T's graph; its input (the patch embeddings) is a stop-gradient."""
+    with torch.no_grad():
+        tokens = mae.embed_patches(images)
+    return masknet(tokens)
+
+
 def _chunks(images: torch.Tensor, mask: Mask, horizon: int) -> list[tuple[torch.Tensor, Mask]]:
     """The Stage-I batch and its mask cut into ``horizon`` chunks along the batch (sizes differ by at most 1)."""
     parts = [torch.tensor_split(t, horizon) if t is not None else [None] * horizon
@@ -211,17 +218,18 @@ def horizon_hypergradient(
     alpha: float = 0.01,
     seed: int = 0,
     norm: str = "count",
+    probs: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """g_T through ``horizon`` virtual SGD steps of E at ``lr_mae`` (eta_E) on chunks of the Stage-I batch,
     by reverse accumulation (module docstring); w is dL_val/dE at the end of the steps. horizon 1 is one
-    central difference (``mixed_product_fd``)."""
+    central difference (``mixed_product_fd``). ``probs``: T's scores of the batch with T's graph, if the
+    caller has them."""
     device = stage1_images.device
     encoder = dict(mae.encoder_named_parameters())
     t_params = list(masknet.parameters())
     with _fp32_exactly(device):
-        with torch.no_grad():
-            tokens = mae.embed_patches(stage1_images)  # T's input at the unperturbed E
-        probs = masknet(tokens)  # the only graph built here: T's
+        if probs is None:
+            probs = t_scores(mae, masknet, stage1_images)  # the only graph built here: T's
         chunks = [(x, m, p) for (x, m), p in zip(_chunks(stage1_images, mask, horizon), torch.tensor_split(probs, horizon))]
         # The virtual iterates E_0 .. E_{K-1}, without a graph.
         iterates = [{n: p.detach() for n, p in encoder.items()}]
@@ -280,6 +288,7 @@ def exact_hypergradient(
     lr_head: float,
     norm: str = "count",
     horizon: int = 1,
+    probs: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """g_T = (d L_val(E_K, C'(E_K)) / dT) / eta_E through ``horizon`` virtual SGD steps of E, one per chunk of
     the Stage-I batch, and one of C. Double backward; uses the math attention kernel, the only one with a
@@ -289,8 +298,8 @@ def exact_hypergradient(
     c_params = dict(head.named_parameters())
     t_params = list(masknet.parameters())
     with sdpa_kernel(SDPBackend.MATH), head.frozen_statistics():
-        tokens = mae.embed_patches(stage1_images).detach()
-        probs = masknet(tokens)
+        if probs is None:
+            probs = t_scores(mae, masknet, stage1_images)
         e_next = dict(e_params)
         for x, m, p in [(x, m, p) for (x, m), p in zip(_chunks(stage1_images, mask, horizon),
                                                           torch.tensor_split(probs, horizon))]:

@@ -1,4 +1,4 @@
-"""Linear probe: a frozen encoder (eval mode), its CLS features, one linear layer.
+"""Linear probe: a frozen encoder (eval mode), its CLS (or mean patch) features, one linear layer.
 
 Model selection (the L2 strength) uses D_val only; the test split is scored once,
 with the selected probe, at the very end.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +24,46 @@ class ProbeResult:
     val_top1: float
     test_top1: float | None
     weight_decay: float
+    features: str = "cls"  # what the probe read (run.probe_features)
+    others: dict[str, ProbeResult] = field(default_factory=dict)  # probes of further features, by name
+
+
+POOLS = ("cls", "mean", "tokens")  # run.probe_features, one or several joined by '+'
+
+
+def pool_features(tokens: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """(B, 1 + N, d) encoder output -> (B, features): the CLS token (d), the mean of the N patch tokens
+    (d; timm's ``global_pool='avg'``), or the whole map of patch tokens flattened (N * d: what the
+    raw-pixel probe reads too, a spatial map, measured in the README)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, 1:].mean(1)
+    if pool == "tokens":
+        return tokens[:, 1:].flatten(1)
+    raise ValueError(f"unknown probe features {pool!r} (choose from {', '.join(POOLS)})")
 
 
 @torch.no_grad()
-def extract_features(mae: MaskedAutoencoderViT, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Normalised CLS features of whole images, in eval mode, on the model's device."""
+def extract_features(mae: MaskedAutoencoderViT, images: torch.Tensor, batch_size: int = 256,
+                     pool: str = "cls") -> torch.Tensor:
+    """Features of whole images (after the encoder's final norm, ``pool_features``), in eval mode, on the
+    model's device."""
+    return extract_pools(mae, images, (pool,), batch_size)[pool]
+
+
+@torch.no_grad()
+def extract_pools(mae: MaskedAutoencoderViT, images: torch.Tensor, pools: tuple[str, ...],
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """``extract_features`` for several poolings from one encoder pass."""
     device = next(mae.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {pool: [] for pool in pools}
     with eval_mode(mae):
-        out = [mae.forward_features(images[i: i + batch_size].to(device))[:, 0].float().cpu()
-               for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+        for i in range(0, len(images), batch_size):
+            tokens = mae.forward_features(images[i: i + batch_size].to(device))
+            for pool in pools:
+                out[pool].append(pool_features(tokens, pool).float().cpu())
+    return {pool: torch.cat(parts) for pool, parts in out.items()}
 
 
 @contextlib.contextmanager
@@ -73,13 +103,23 @@ def _top1(layer: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
 Features = tuple[torch.Tensor, torch.Tensor]
 
 
-def linear_probe(train: Features, val: Features, test: Callable[[], Features] | None, num_classes: int,
-                 steps: int = 200) -> ProbeResult:
-    """Multinomial logistic regression on standardised features (train statistics).
+@dataclass
+class ChosenProbe:
+    """The probe selected on D_val: its layer, the train statistics it standardises by, its numbers."""
 
-    ``test`` is called once, after the probe was chosen on D_val: the test split is not
-    even read before then.
-    """
+    layer: torch.nn.Linear
+    mean: torch.Tensor
+    std: torch.Tensor
+    val_top1: float
+    weight_decay: float
+
+    def top1(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return _top1(self.layer, (x - self.mean) / self.std, y)
+
+
+def choose_probe(train: Features, val: Features, num_classes: int, steps: int = 200) -> ChosenProbe:
+    """Multinomial logistic regression on standardised features (train statistics), its L2 strength
+    chosen on D_val (ties go to the stronger regulariser)."""
     mean, std = train[0].mean(0), train[0].std(0) + 1e-6
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +130,17 @@ def linear_probe(train: Features, val: Features, test: Callable[[], Features] | 
         for wd in WEIGHT_DECAYS:
             layer = _fit(norm(train[0]), train[1], num_classes, wd, steps)
             candidates.append((_top1(layer, norm(val[0]), val[1]), wd, layer))
-    # Ties go to the stronger regulariser.
     val_top1, wd, best = max(candidates, key=lambda c: (c[0], c[1]))
-    if test is None:
-        return ProbeResult(val_top1=val_top1, test_top1=None, weight_decay=wd)
-    x_test, y_test = test()
-    test_top1 = _top1(best, norm(x_test), y_test)
-    return ProbeResult(val_top1=val_top1, test_top1=test_top1, weight_decay=wd)
+    return ChosenProbe(best, mean, std, val_top1, wd)
+
+
+def linear_probe(train: Features, val: Features, test: Callable[[], Features] | None, num_classes: int,
+                 steps: int = 200) -> ProbeResult:
+    """``choose_probe``, then the test split scored by the chosen probe.
+
+    ``test`` is called once, after the probe was chosen on D_val: the test split is not
+    even read before then.
+    """
+    chosen = choose_probe(train, val, num_classes, steps)
+    test_top1 = chosen.top1(*test()) if test is not None else None
+    return ProbeResult(val_top1=chosen.val_top1, test_top1=test_top1, weight_decay=chosen.weight_decay)

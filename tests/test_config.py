@@ -117,3 +117,13 @@ def test_bad_masking_options_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         resolve(overrides=overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("max", "'run.probe_features' must be cls, mean or tokens"), ("mean+mean", "joined by '+'"),
+    ("tokens", "would read 196,608 features per image"),  # base-cifar: 256 patches x 768
+])
+def test_probe_features_are_checked(value, message):
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        resolve(preset="base-cifar", overrides={"run.probe_features": value})
+    assert resolve(overrides={"run.probe_features": "tokens+mean+cls"}).run.probe_features == "tokens+mean+cls"

@@ -19,6 +19,8 @@ from pipelines.manifest import PreparedDataset, load_prepared
 from pipelines.prepare import prepare
 from training.downstream import eval_sample, finetune_encoder, probe_encoder
 
+from conftest import tiny_model
+
 
 class _Count:
     def update(self, n: int) -> None:
@@ -129,3 +131,43 @@ def test_features_are_extracted_in_eval_mode_and_each_mode_comes_back(small_cfg)
     feats = extract_features(mae, torch.randn(5, 3, 16, 16), batch_size=2)
     assert feats.shape == (5, small_cfg.model.embed_dim) and seen == [False] * 3
     assert [m.training for m in mae.modules()] == before
+
+
+def test_probe_features_are_the_cls_token_or_the_mean_of_the_patch_tokens():
+    from mlo_mae.probe import extract_features, pool_features
+
+    torch.manual_seed(0)
+    mae = create_mae(tiny_model())
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        tokens = mae.eval().forward_features(x)
+    assert torch.allclose(extract_features(mae, x, batch_size=2), tokens[:, 0], atol=1e-6)
+    assert torch.allclose(extract_features(mae, x, batch_size=2, pool="mean"), tokens[:, 1:].mean(1), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown probe features 'max'"):
+        pool_features(tokens, "max")
+
+
+def test_several_probe_features_share_one_pass_and_the_test_split_is_read_once(digits, small_cfg):
+    """run.probe_features tokens+mean: the token map (N*d features) is the result, the mean pool its
+    'others'; each is the probe linear_probe chooses on those features alone, and test is read once, last."""
+    from mlo_mae.probe import extract_features, linear_probe
+    from pipelines.streams import Normalizer
+    from training.downstream import read_images
+
+    small_cfg.run.probe_features = "tokens+mean"
+    data = RecordingDataset(digits)
+    torch.manual_seed(0)
+    mae = create_mae(small_cfg.model)
+    result = probe_encoder(mae, data, small_cfg)
+    _test_last_once(data.reads)
+    assert result.features == "tokens" and list(result.others) == ["mean"]
+    norm = Normalizer(digits.mean, digits.std, "cpu")
+
+    def features(split, pool):
+        x, y = read_images(digits, small_cfg, split)
+        return extract_features(mae, norm(x, y)[0], pool=pool), y
+
+    assert features("val", "tokens")[0].shape[1] == 16 * 32  # N x d of the small model
+    for pool, got in (("tokens", result), ("mean", result.others["mean"])):
+        alone = linear_probe(features("train", pool), features("val", pool), lambda: features("test", pool), 10)
+        assert (got.val_top1, got.test_top1, got.weight_decay) == (alone.val_top1, alone.test_top1, alone.weight_decay)

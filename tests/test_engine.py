@@ -28,8 +28,9 @@ def test_save_load_continue_is_bit_for_bit(tiny_cfg, tmp_path, baseline):
 
     first = MLOEngine(tiny_cfg, 3, total_steps=2 * k)
     _run(first, level_streams(), k)
-    # One batch per optimiser step of each level: the step counters are the data position.
-    path = save_atomic({"engine": first.state_dict(), "drawn": dict(first.level_steps)}, tmp_path / "ckpt.pt")
+    # The data position: batches drawn per level (iteration x batches per iteration).
+    drawn = {level: first.batches_drawn(level) for level in first.level_steps}
+    path = save_atomic({"engine": first.state_dict(), "drawn": drawn}, tmp_path / "ckpt.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
     del first
 
@@ -292,3 +293,35 @@ def test_a_longer_horizon_runs_inside_the_engine_and_changes_the_hypergradient(t
         grads[horizon] = torch.cat([g.flatten() for g in engine.hypergradient(*batch)[0]])
     assert grads[2].norm() > 0
     assert float(torch.nn.functional.cosine_similarity(grads[1], grads[2], dim=0)) < 1 - 1e-6
+
+
+def test_head_reuse_draws_one_stage_two_batch_and_keeps_its_features(tiny_cfg):
+    """C takes unroll_head steps per iteration; one is on a fresh D_tr batch, the others on the CLS
+    features the previous iterations' batches had when they were encoded."""
+    tiny_cfg.mlo.unroll_head = 3
+    engine = MLOEngine(tiny_cfg, 3, total_steps=5)
+    streams = level_streams()
+    drawn = []
+    head_stream = streams["head"]
+
+    def counting():
+        for batch in head_stream:
+            drawn.append(batch)
+            yield batch
+
+    streams["head"] = counting()
+    encoded = []
+    for _ in range(3):
+        engine.step(streams)
+        with torch.no_grad():  # E does not move after Stage I: the fresh batch's features as they were encoded
+            encoded.append(engine.mae.forward_features(drawn[-1][0])[:, :1])
+    assert len(drawn) == 3 and engine.level_steps["head"] == 9 and engine.batches_drawn("head") == 3
+    assert len(engine.head_queue) == 2  # the last two batches, kept as they were encoded (not re-encoded)
+    for (features, labels), batch, then in zip(engine.head_queue, drawn[1:], encoded[1:]):
+        assert torch.equal(labels, batch[1]) and torch.allclose(features, then, atol=1e-6)
+    with torch.no_grad():
+        now = engine.mae.forward_features(drawn[1][0])[:, :1]
+    assert not torch.allclose(engine.head_queue[0][0], now, atol=1e-4)  # E has moved on since
+    tiny_cfg.mlo.head_reuse = False  # every step encodes a fresh batch
+    fresh = MLOEngine(tiny_cfg, 3, total_steps=5)
+    assert fresh.batches_per_iteration("head") == 3 and fresh.head_queue == []

@@ -357,3 +357,16 @@ def test_a_runs_renderer_redraws_its_figures_as_fresh_renders_would_show_them():
         means = decode(images["mean"], images["mean"].info["axes_px"]["mean"], (4, 4), PROB_CMAP)
         assert np.unravel_index(means.argmax(), means.shape) == hot
     renderer.close()
+
+
+def test_a_pixel_rule_snapshot_shows_the_rule_s_rank_and_masks_its_k_highest():
+    from mlo_mae.config import MLOConfig
+
+    mae = mae_with_grid(4)
+    x, y, display = batch([0, 1, 2, 0])
+    rule = MLOConfig(baseline=True, baseline_rule="object-first", mask_ratio=0.25)
+    snap = snapshot(mae, None, x, y, display, 0.25, baseline=True, step=5, mlo=rule)
+    assert snap.mode == "object-first masks" and snap.score_name == "rank by the rule"
+    top = torch.topk(snap.probs, 4).indices  # k = 4 of 16
+    assert torch.equal(snap.masks, torch.zeros(4, 16).scatter_(1, top, 1.0))
+    assert render_mean(snap).size == MEAN_SIZE

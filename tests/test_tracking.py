@@ -205,7 +205,7 @@ def test_probe_and_finetune_log_child_runs(runs):
     client = _client(uri)
     probe = mlo_mae("probe", parent, "--dataset", "digits", "--tracking-uri", uri, cwd=runs["cwd"])
     assert probe.returncode == 0, probe.stderr
-    assert "linear probe: D_val top-1" in probe.stdout
+    assert "linear probe of cls features: D_val top-1" in probe.stdout
     finetune = mlo_mae("finetune", parent, "--dataset", "digits", "--epochs", "1", "--tracking-uri", uri,
                        cwd=runs["cwd"])
     assert finetune.returncode == 0, finetune.stderr

@@ -23,7 +23,7 @@ from mlo_mae.finetune import (
     build_classifier,
     finetune,
 )
-from mlo_mae.probe import ProbeResult, extract_features, linear_probe
+from mlo_mae.probe import ProbeResult, choose_probe, extract_pools, linear_probe
 from pipelines.manifest import PreparedDataset
 from pipelines.streams import LEVELS, Normalizer, StreamSpec, level_specs
 from pipelines.torch_data import loader
@@ -61,13 +61,16 @@ def train_sample(data: PreparedDataset, cfg: config_mod.Config) -> torch.Tensor:
     return read_images(data, cfg, "train", cfg.run.eval_samples)[0]
 
 
-def _features(mae, data: PreparedDataset, cfg: config_mod.Config, split: str, norm: Normalizer):
-    feats, labels = [], []
+def _features(mae, data: PreparedDataset, cfg: config_mod.Config, split: str, norm: Normalizer,
+              pools: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    feats: dict[str, list[torch.Tensor]] = {pool: [] for pool in pools}
+    labels = []
     for images, y in loader(data, split_spec(data, cfg, split), 256, shuffle=False, drop_last=False):
         x, _ = norm(images, y)
-        feats.append(extract_features(mae, x))
+        for pool, f in extract_pools(mae, x, pools).items():
+            feats[pool].append(f)
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return {pool: torch.cat(parts) for pool, parts in feats.items()}, torch.cat(labels)
 
 
 def _test_reader(read: Callable[[str], object]) -> Callable[[], object]:
@@ -85,14 +88,39 @@ def _test_reader(read: Callable[[str], object]) -> Callable[[], object]:
 
 def probe_encoder(mae, data: PreparedDataset, cfg: config_mod.Config, device: torch.device | str = "cpu",
                   with_test: bool = True) -> ProbeResult:
-    """Linear probe on eval-transformed D_tr, its L2 chosen on D_val; the test split scored once, last."""
+    """Linear probe on eval-transformed D_tr, its L2 chosen on D_val; the test split scored once, last.
+    ``run.probe_features`` names what it reads (several joined by '+': the first is the result, the
+    others its ``others``); one encoder pass per split serves them all."""
+    pools = tuple(cfg.run.probe_features.split("+"))
     norm = Normalizer(data.mean, data.std, device)
 
     def features(split: str):
-        return _features(mae, data, cfg, split, norm)
+        return _features(mae, data, cfg, split, norm, pools)
 
-    test = _test_reader(features) if with_test else None
-    return linear_probe(features("train"), features("val"), test, data.num_classes)
+    (train, y_train), (val, y_val) = features("train"), features("val")
+    chosen = {pool: choose_probe((train[pool], y_train), (val[pool], y_val), data.num_classes) for pool in pools}
+    test, y_test = _test_reader(features)() if with_test else (None, None)
+    results = {pool: ProbeResult(val_top1=c.val_top1, weight_decay=c.weight_decay, features=pool,
+                                 test_top1=c.top1(test[pool], y_test) if test is not None else None)
+               for pool, c in chosen.items()}
+    headline = results.pop(pools[0])
+    headline.others = results
+    return headline
+
+
+def probe_pixels(data: PreparedDataset, cfg: config_mod.Config) -> ProbeResult:
+    """The same linear probe on the raw pixels (normalised, flattened): what a probe gets with no encoder,
+    the reference a pretrained encoder's probe has to beat."""
+    norm = Normalizer(data.mean, data.std, "cpu")
+
+    def features(split: str):
+        pixels, labels = [], []
+        for images, y in loader(data, split_spec(data, cfg, split), 256, shuffle=False, drop_last=False):
+            pixels.append(norm(images, y)[0].flatten(1))
+            labels.append(y)
+        return torch.cat(pixels), torch.cat(labels)
+
+    return linear_probe(features("train"), features("val"), _test_reader(features), data.num_classes)
 
 
 def finetune_encoder(mae, data: PreparedDataset, cfg: config_mod.Config, ft: FinetuneConfig, batch: int,
@@ -223,6 +251,8 @@ def run_probe(source: str, dataset: str | None, device: str, tracking_uri: str |
         result = probe_encoder(evaluation.pretrained.encoder(evaluation.device), evaluation.data,
                                evaluation.pretrained.config, evaluation.device)
     headline = {"val_top1": result.val_top1, "test_top1": result.test_top1}
+    for name, other in result.others.items():  # further features: mean/test_top1, ...
+        headline.update({f"{name}/val_top1": other.val_top1, f"{name}/test_top1": other.test_top1})
     finish(evaluation, "probe", {**headline, "weight_decay": result.weight_decay}, headline,
            evaluation.pretrained.iteration, warn)
     return evaluation, result

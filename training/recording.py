@@ -121,6 +121,8 @@ class Recorder:
         values = {"train_seconds": metrics.get("train_seconds")}
         if probe is not None:
             values.update({"probe/val_top1": probe.val_top1, "probe/test_top1": probe.test_top1})
+            for name, other in probe.others.items():  # further features: probe/mean/test_top1, ...
+                values.update({f"probe/{name}/val_top1": other.val_top1, f"probe/{name}/test_top1": other.test_top1})
         self.logger.metrics(values, self.engine.iteration)
         self.logger.flush()
         with tempfile.TemporaryDirectory(prefix="mlo-mae-artifacts-") as folder:

@@ -59,7 +59,7 @@ def window_rows(batch: int) -> int:
 def data_position(engine: MLOEngine, cfg: config_mod.Config, world: int) -> dict[str, Any]:
     """Where each level's stream stands: batches drawn (the same on every rank) and the plan's shape."""
     return {"world_size": world, "seed": cfg.run.seed,
-            "levels": {level: {"batches": engine.level_steps[level], "batch_size": batch_size(cfg, level)}
+            "levels": {level: {"batches": engine.batches_drawn(level), "batch_size": batch_size(cfg, level)}
                        for level in LEVELS}}
 
 
@@ -107,11 +107,12 @@ def _streams(engine: MLOEngine, data: PreparedDataset, cfg: config_mod.Config, r
     specs = level_specs(data, cfg.model.img_size, cfg.data.augment, cfg.run.seed, cfg.data.augment_head)
     streams = {}
     for level in LEVELS:
-        if level == "mask" and not config_mod.trains_mask(cfg):
+        if not engine.batches_per_iteration(level):
             continue  # plain MAE, or a T that does not learn: no Stage III
         spec, batch = specs[level], batch_size(cfg, level)
         plan = RankPlan(list_chunks(data.files(spec.split), world), spec.seed, rank, world, window_rows(batch))
-        streams[level] = LevelStream(plan, spec, batch, engine.level_steps[level], engine.level_total(level))
+        streams[level] = LevelStream(plan, spec, batch, engine.batches_drawn(level),
+                                     engine.total_steps * engine.batches_per_iteration(level))
     return streams
 
 
@@ -171,7 +172,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
         recorder.evaluate()  # step 0 (the masks before any training), or a checkpoint saved without the numbers
     raw = _streams(engine, data, cfg, rank, world)
     streams = {level: normalized(stream, norm) for level, stream in raw.items()}
-    _inject_nan(params.get("inject_nan"), streams, rank, dict(engine.level_steps))
+    _inject_nan(params.get("inject_nan"), streams, rank, {level: engine.batches_drawn(level) for level in LEVELS})
     images_per_iteration = cfg.data.batch_mae * cfg.mlo.unroll_mae * world
     first_step = engine.iteration + 1
     saved = {"iteration": engine.iteration if restored is not None else None}
@@ -248,8 +249,10 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
         if cfg.run.probe:
             probe = probe_encoder(engine.mae, data, cfg, device)
             metrics.update(probe_val_top1=probe.val_top1, probe_test_top1=probe.test_top1)
-            say("log", f"linear probe (frozen encoder, L2 {probe.weight_decay:g} chosen on D_val): "
-                       f"D_val top-1 {100 * probe.val_top1:.1f}% | test top-1 {100 * probe.test_top1:.1f}%")
+            for result in (probe, *probe.others.values()):
+                say("log", f"linear probe of {result.features} features (frozen encoder, L2 {result.weight_decay:g} "
+                           f"chosen on D_val): D_val top-1 {100 * result.val_top1:.1f}% | test top-1 "
+                           f"{100 * result.test_top1:.1f}%")
         recorder.finish(metrics, probe)
     say("metrics", reported(metrics))
     ray.train.report(reported(metrics))
