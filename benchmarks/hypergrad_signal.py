@@ -37,7 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlo_mae.config import parse_override, resolve  # noqa: E402
+from mlo_mae.config import parse_override, resolve, total_iterations  # noqa: E402
 from mlo_mae.engine import MLOEngine  # noqa: E402
 from mlo_mae.evaluation import precise_head  # noqa: E402
 from mlo_mae.mask_metrics import mean_pairwise_jaccard, object_masked_share, object_patches  # noqa: E402
@@ -208,10 +208,9 @@ def main() -> None:
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.max_steps:
         overrides["run.max_steps"] = args.max_steps
-    cfg = resolve(preset=args.preset, overrides={**overrides, "data.dataset": str(args.dataset)})
-    if not cfg.run.max_steps:
-        sys.exit("hypergrad_signal: give --max-steps (or a preset that sets run.max_steps)")
     data = open_dataset(str(args.dataset), log)
+    cfg = resolve(preset=args.preset, overrides={**overrides, "data.dataset": str(args.dataset)})
+    cfg.run.max_steps = total_iterations(cfg, data.count("train"))  # the run's length, epochs or iterations
     norm = Normalizer(data.mean, data.std, "cpu")
     key = "-".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     state = mid_state(cfg, data, norm, RESULTS / "hypergrad-signal" / f"{args.preset}-{key or 'default'}.pt", log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -473,6 +474,13 @@ def describe_masking(cfg: Config) -> str:
     if m.horizon > 1 and trains_mask(cfg):
         details.append(f"horizon {m.horizon}")
     return f"MLO-MAE ({', '.join(details)})"
+
+
+def total_iterations(cfg: Config, train_rows: int) -> int:
+    """``run.max_steps``, else enough iterations for ``run.epochs`` passes of Stage I over D_tr."""
+    if cfg.run.max_steps:
+        return cfg.run.max_steps
+    return max(1, math.ceil(cfg.run.epochs * train_rows / (cfg.data.batch_mae * cfg.mlo.unroll_mae)))
 
 
 def lr_scale(rule: str, workers: int) -> float:

@@ -151,7 +151,7 @@ def batch_problem(cfg: config_mod.Config, data: PreparedDataset, workers: int) -
 
 def run_params(cfg: config_mod.Config, data: PreparedDataset, workers: int) -> dict[str, Any]:
     """What an MLflow pretrain run records beside its config: the data set and the run's shape."""
-    from .worker import total_iterations
+    from mlo_mae.config import total_iterations
 
     return {"dataset.name": data.manifest["name"], "dataset.path": data.root,
             "dataset.classes": data.num_classes, "dataset.train_images": data.count("train"),

@@ -74,7 +74,7 @@ def check_device(cfg: config_mod.Config, launch: Launch) -> None:
 
 
 def _header(cfg: config_mod.Config, data: PreparedDataset, launch: Launch, resume: bool, echo: Echo) -> None:
-    from .worker import total_iterations
+    from mlo_mae.config import total_iterations
 
     total = total_iterations(cfg, data.count("train"))
     echo(f"{config_mod.describe_masking(cfg)} | preset {cfg.preset} | {data.manifest['name']}: D_tr {data.count('train')}, "

@@ -10,7 +10,6 @@ alone prints progress (through a queue to the driver) and runs the final probe.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -21,6 +20,7 @@ import ray.util
 import torch
 
 from mlo_mae import config as config_mod
+from mlo_mae.config import total_iterations
 from mlo_mae.distributed import allreduce_mean, gather_objects, module_digest, no_sync
 from mlo_mae.engine import MLOEngine, NonFiniteLossError, resolve_device
 from mlo_mae.loop import due, fit, format_progress
@@ -37,13 +37,6 @@ from .tracking import RunLogger
 
 class ResumeError(RuntimeError):
     """A checkpoint that this run cannot continue from (the message says why)."""
-
-
-def total_iterations(cfg: config_mod.Config, train_rows: int) -> int:
-    """``run.max_steps``, else enough iterations for ``run.epochs`` passes of Stage I over D_tr."""
-    if cfg.run.max_steps:
-        return cfg.run.max_steps
-    return max(1, math.ceil(cfg.run.epochs * train_rows / (cfg.data.batch_mae * cfg.mlo.unroll_mae)))
 
 
 def batch_size(cfg: config_mod.Config, level: str) -> int:

@@ -10,7 +10,7 @@ from mlo_mae import config as config_mod
 from tune_spaces.space import SearchSpace, SpaceError, check_values
 
 from ..launch import DATA_CPUS, Launch, worker_resources
-from ..worker import total_iterations
+from mlo_mae.config import total_iterations
 from .settings import StudyError, StudyOptions
 
 # What a trial reports while it trains (ASHA can compare trials on it) or only at its end.

@@ -15,7 +15,7 @@ from mlo_mae import config as config_mod
 
 from ..launch import last_error_line
 from ..storage import filesystem, read_run
-from ..worker import total_iterations
+from mlo_mae.config import total_iterations
 from .checks import metric_mode
 from .settings import StudySettings, trial_config, trial_number
 
