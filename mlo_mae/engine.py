@@ -353,8 +353,15 @@ class MLOEngine:
         return contextlib.nullcontext()
 
     # ----- checkpointable state -----
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit: plain tensors and containers only."""
+    def head_queue_state(self) -> list[list[torch.Tensor]]:
+        """This rank's kept Stage-II features (``head_reuse``) as plain CPU tensors: each rank keeps its own
+        batches', so a data-parallel checkpoint holds every rank's (see ``state_dict``)."""
+        return [[f.cpu(), y.cpu()] for f, y in self.head_queue]
+
+    def state_dict(self, head_queues: list[list[list[torch.Tensor]]] | None = None) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: plain tensors and containers only. ``head_queues``:
+        every rank's ``head_queue_state()`` in rank order (gathered by the caller under data
+        parallelism); by default this engine's alone."""
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -369,7 +376,7 @@ class MLOEngine:
                         "masknet": self.masknet.state_dict()},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "rng": rng,
-            "head_queue": [[f.cpu(), y.cpu()] for f, y in self.head_queue],
+            "head_queues": head_queues if head_queues is not None else [self.head_queue_state()],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -385,7 +392,9 @@ class MLOEngine:
         self.total_steps = int(state["total_steps"])
         self.iteration = int(state["iteration"])
         self.level_steps = {k: int(v) for k, v in state["level_steps"].items()}
-        self.head_queue = [(f.to(self.device), y.to(self.device)) for f, y in state.get("head_queue", [])]
+        queues = state.get("head_queues", [])
+        self.head_queue = [(f.to(self.device), y.to(self.device)) for f, y in
+                           (queues[self.rank] if self.rank < len(queues) else [])]
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

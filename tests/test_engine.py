@@ -325,3 +325,18 @@ def test_head_reuse_draws_one_stage_two_batch_and_keeps_its_features(tiny_cfg):
     tiny_cfg.mlo.head_reuse = False  # every step encodes a fresh batch
     fresh = MLOEngine(tiny_cfg, 3, total_steps=5)
     assert fresh.batches_per_iteration("head") == 3 and fresh.head_queue == []
+
+
+def test_a_checkpoint_keeps_every_rank_s_reused_features_and_each_rank_takes_its_own(tiny_cfg):
+    """Each data-parallel rank keeps the features of its own Stage-II batches: the checkpoint holds all of
+    them (gathered by the worker), and a restored rank continues with its own, not rank 0's."""
+    engines = [MLOEngine(tiny_cfg, 3, total_steps=4, rank=r, world_size=2) for r in range(2)]
+    for r, engine in enumerate(engines):
+        _run(engine, level_streams(seed=r), 2)
+    queues = [engine.head_queue_state() for engine in engines]
+    assert not torch.equal(queues[0][0][0], queues[1][0][0])
+    state = engines[0].state_dict(queues)
+    restored = MLOEngine(tiny_cfg, 3, total_steps=4, rank=1, world_size=2)
+    restored.load_state_dict(state)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(restored.head_queue_state(), queues[1]))
