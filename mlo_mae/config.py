@@ -166,8 +166,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The quality study's CPU recipe for 28x28 data (Fashion-MNIST), where pretraining beats its references
     # (README, Benchmarks): tiny-28's encoder on 16 patches of 7x7, Stage I at batch 128 (images, not steps, are
-    # what a short run lacks), 6.4 epochs (1200 iterations, ~11 minutes of an MLO run on 2 cores), the probe on the patch
-    # tokens' map (the spatial map a raw-pixel probe reads) and on their mean.
+    # what a short run lacks), 6.4 epochs (1200 iterations, ~11 minutes of an MLO run on 2 cores), the probe on
+    # the patch tokens' map (the spatial map a raw-pixel probe reads) and on their mean.
     "tiny-28-study": {
         "model": dict(img_size=28, patch_size=7, embed_dim=192, depth=4, num_heads=3,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),

@@ -230,7 +230,8 @@ def horizon_hypergradient(
     with _fp32_exactly(device):
         if probs is None:
             probs = t_scores(mae, masknet, stage1_images)  # the only graph built here: T's
-        chunks = [(x, m, p) for (x, m), p in zip(_chunks(stage1_images, mask, horizon), torch.tensor_split(probs, horizon))]
+        chunks = [(x, m, p) for (x, m), p in zip(_chunks(stage1_images, mask, horizon),
+                                                   torch.tensor_split(probs, horizon))]
         # The virtual iterates E_0 .. E_{K-1}, without a graph.
         iterates = [{n: p.detach() for n, p in encoder.items()}]
         for j, (x, m, p) in enumerate(chunks[:-1]):

@@ -77,7 +77,8 @@ def _header(cfg: config_mod.Config, data: PreparedDataset, launch: Launch, resum
     from mlo_mae.config import total_iterations
 
     total = total_iterations(cfg, data.count("train"))
-    echo(f"{config_mod.describe_masking(cfg)} | preset {cfg.preset} | {data.manifest['name']}: D_tr {data.count('train')}, "
+    echo(f"{config_mod.describe_masking(cfg)} | preset {cfg.preset} | {data.manifest['name']}: "
+         f"D_tr {data.count('train')}, "
          f"D_val {data.count('val')}, test {data.count('test')} | {total} iterations (unroll "
          f"{cfg.mlo.unroll_mae}/{cfg.mlo.unroll_head}/{cfg.mlo.unroll_mask}) | device {device_label(cfg, launch)}")
     n, o = launch.workers, cfg.optim

@@ -189,7 +189,8 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="mlo-mae-ckpt-") as folder:
             if rank == 0:
                 checkpoints.write(folder, {"engine": engine.state_dict(head_queues),
-                                           "data": data_position(engine, cfg, world), "recorder": recorder.state_dict()})
+                                           "data": data_position(engine, cfg, world),
+                                           "recorder": recorder.state_dict()})
             ray.train.report(reported(metrics),
                              checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
