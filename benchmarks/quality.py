@@ -249,12 +249,30 @@ def summarise(rows: list[dict], settings: dict) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def contrasts(rows: list[dict], settings: dict) -> tuple[str, dict]:
+    """The arms file's ``contrasts`` (pairs [A, B]): A minus B seed by seed on each probe, with 95% t-intervals,
+    e.g. learned T against T frozen at its initialisation."""
+    pairs = [(a, b) for a, b in settings.get("contrasts", []) if a in settings["arms"] and b in settings["arms"]]
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    fields = [f for f in ("probe_test", "probe_mean_test", "probe_cls_test", "finetune_test")
+              if any(r.get(f) is not None for r in rows)]
+    lines = ["| contrast | " + " | ".join(f"Δ {f.removesuffix('_test').replace('_', ' ')} [95% CI] (per seed)"
+                                         for f in fields) + " |", "|---|" + "---|" * len(fields)]
+    out = {}
+    for a, b in pairs:
+        deltas = {f: paired(by, a, b, f, settings["seeds"]) for f in fields}
+        out[f"{a} - {b}"] = {f: {"values": d, "ci": t_interval(d)} for f, d in deltas.items()}
+        lines.append(f"| {settings['arms'][a]['label']} − {settings['arms'][b]['label']} | "
+                     + " | ".join(fmt_delta(deltas[f]) if deltas[f] else "-" for f in fields) + " |")
+    return ("\n".join(lines) if pairs else ""), out
+
+
 def plot(summary: dict, path: Path, title: str) -> None:
     """Each arm's paired difference against MAE (probe test top-1) with its 95% interval, and the references."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = [a for a in summary if a != "mae"]
+    names = [a for a in summary if a not in ("mae", "contrasts")]
     fig = Figure(figsize=(8, 0.5 * len(names) + 1.6), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -313,7 +331,9 @@ def main() -> None:
         settings = json.loads(settings_file.read_text())
         if args.seeds:  # more seeds may be added to a study; the rest is fixed
             settings["seeds"] = sorted(set(settings["seeds"]) | set(args.seeds))
-        new_arms = load_arms(args.arms_file)["arms"]
+        spec = load_arms(args.arms_file)
+        new_arms = spec["arms"]
+        settings["contrasts"] = spec.get("contrasts", settings.get("contrasts", []))
         for name, arm in new_arms.items():  # arms may be added, not changed
             if name in settings["arms"] and settings["arms"][name]["flags"] != arm["flags"]:
                 sys.exit(f"quality: arm '{name}' of study '{study.name}' ran with flags "
@@ -330,7 +350,8 @@ def main() -> None:
                     "seeds": args.seeds or spec.get("seeds", [0, 1, 2, 3, 4]), "arms": spec["arms"],
                     "finetune": {"epochs": 0, "lr": 5e-4, "warmup_epochs": 0.1, "layer_decay": 0.75,
                                  "batch_size": 128, **spec.get("finetune", {})},
-                    "extra": [str(a) for a in spec.get("extra", [])] + extra}
+                    "extra": [str(a) for a in spec.get("extra", [])] + extra,
+                    "contrasts": spec.get("contrasts", [])}
         settings["probe_features"] = study_config(settings).run.probe_features.split("+")[0]
         (study / "runs").mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")
@@ -368,6 +389,9 @@ def main() -> None:
              if not any(p.name == f"{a}-s{s}.json" for a, s in plan) and not p.name.startswith("ref-")
              and json.loads(p.read_text())["arm"] in settings["arms"]]  # arms run before, left out with --only
     table, summary = summarise(rows, settings)
+    contrast_table, summary["contrasts"] = contrasts(rows, settings)
+    if contrast_table:
+        table += "\n\n" + contrast_table
     ft = settings["finetune"]
     length = f" | {settings['max_steps']} iterations" if settings["max_steps"] else ""
     header = (f"{settings['dataset']} | preset {settings['preset']}{length} | "

@@ -49,3 +49,12 @@ def test_paired_differences_and_reference_margins(quality):
     assert low < 0 < high and mean == pytest.approx(0.02 / 3)
     assert "| T | 3 | 81.67 ± 2.08 | +0.67 [" in table
     assert "0.700 ± 0.000 → 0.500 ± 0.000 (0.750)" in table
+
+
+def test_contrasts_are_paired_by_seed(quality):
+    settings = {"seeds": [0, 1, 2], "arms": {"mae": {"label": "MAE"}, "t": {"label": "T"}},
+                "contrasts": [["t", "mae"], ["t", "absent"]]}
+    table, out = quality.contrasts(rows(), settings)
+    assert list(out) == ["t - mae"]  # an arm the study does not have is left out
+    assert out["t - mae"]["probe_test"]["values"] == pytest.approx([0.01, 0.02, -0.01])
+    assert "| T − MAE | +0.67 [" in table
